@@ -1,0 +1,154 @@
+"""ONNX Runtime engine: CPU by default, CUDA / TensorRT execution providers when configured."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from tritonclient.grpc import model_config_pb2 as mc
+
+from serving.backends.base import TensorSpec
+from serving.datatypes import ORT_TO_V2
+from serving.errors import EngineError, InvalidInput, ModelNotReady, RepositoryError
+
+log = logging.getLogger(__name__)
+
+
+def _parameter(config: mc.ModelConfig, key: str) -> str | None:
+    if key in config.parameters:
+        return config.parameters[key].string_value
+    return None
+
+
+def wants_gpu(config: mc.ModelConfig) -> bool:
+    """True when the instance group asks for a GPU."""
+    return any(group.kind == mc.ModelInstanceGroup.KIND_GPU for group in config.instance_group)
+
+
+def gpu_device_id(config: mc.ModelConfig, instance_index: int) -> int:
+    """The GPU this instance runs on (round-robin over ``instance_group.gpus``)."""
+    for group in config.instance_group:
+        if group.kind == mc.ModelInstanceGroup.KIND_GPU and group.gpus:
+            return int(group.gpus[instance_index % len(group.gpus)])
+    return 0
+
+
+def provider_chain(
+    config: mc.ModelConfig, model_dir: Path, instance_index: int = 0
+) -> list[tuple[str, dict[str, str]]]:
+    """Execution providers and their options from the config, most preferred first.
+
+    GPU instance groups get CUDA (with exhaustive cuDNN conv algorithm search, so cuDNN's
+    Winograd/FFT kernels are chosen by measurement), and the TensorRT provider in front of it
+    when ``optimization.execution_accelerators.gpu_execution_accelerator`` names ``tensorrt``
+    (its options are passed through; engine and timing caches live in the version folder).
+    """
+    if not wants_gpu(config):
+        return [("CPUExecutionProvider", {})]
+    device = str(gpu_device_id(config, instance_index))
+    chain: list[tuple[str, dict[str, str]]] = []
+    for accel in config.optimization.execution_accelerators.gpu_execution_accelerator:
+        if accel.name == "tensorrt":
+            options = {
+                "device_id": device,
+                "trt_engine_cache_enable": "True",
+                "trt_engine_cache_path": str(model_dir / "trt_cache"),
+                "trt_timing_cache_enable": "True",
+                "trt_timing_cache_path": str(model_dir / "trt_cache"),
+            }
+            for key, value in accel.parameters.items():
+                mapped = {
+                    "precision_mode": None,
+                    "max_workspace_size_bytes": "trt_max_workspace_size",
+                }.get(key, key)
+                if key == "precision_mode":
+                    options["trt_fp16_enable"] = str(value.upper() == "FP16")
+                    options["trt_int8_enable"] = str(value.upper() == "INT8")
+                elif mapped:
+                    options[mapped] = value
+            chain.append(("TensorrtExecutionProvider", options))
+    cuda = {"device_id": device, "cudnn_conv_algo_search": "EXHAUSTIVE"}
+    algo = _parameter(config, "cudnn_conv_algo_search")
+    if algo:
+        cuda["cudnn_conv_algo_search"] = algo
+    chain.append(("CUDAExecutionProvider", cuda))
+    chain.append(("CPUExecutionProvider", {}))
+    return chain
+
+
+def session_options(config: mc.ModelConfig):  # -> ort.SessionOptions
+    """Thread counts and graph optimization level from the config's parameters."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    intra = _parameter(config, "intra_op_thread_count")
+    inter = _parameter(config, "inter_op_thread_count")
+    if intra:
+        options.intra_op_num_threads = int(intra)
+    if inter:
+        options.inter_op_num_threads = int(inter)
+    level = _parameter(config, "graph_optimization_level")
+    if level:
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    return options
+
+
+class OnnxRuntimeEngine:
+    """One ``onnxruntime.InferenceSession`` for one model instance."""
+
+    def __init__(
+        self, model_file: Path, config: mc.ModelConfig, *, instance_index: int = 0
+    ) -> None:
+        import onnxruntime as ort
+
+        chain = provider_chain(config, model_file.parent, instance_index)
+        available = set(ort.get_available_providers())
+        wanted = [name for name, _ in chain]
+        missing = [name for name in wanted if name not in available]
+        if wants_gpu(config) and "CUDAExecutionProvider" in missing:
+            raise ModelNotReady(
+                "config asks for a GPU (instance_group KIND_GPU) but this onnxruntime has no "
+                f"CUDAExecutionProvider (available: {sorted(available)}); install the 'gpu' extra "
+                "on a machine with CUDA, or use KIND_CPU"
+            )
+        providers = [(name, opts) for name, opts in chain if name in available]
+        try:
+            self.session = ort.InferenceSession(
+                str(model_file), sess_options=session_options(config), providers=providers
+            )
+        except Exception as exc:
+            raise RepositoryError(f"onnxruntime could not load {model_file.name}: {exc}") from None
+        active = self.session.get_providers()
+        if wants_gpu(config) and "CUDAExecutionProvider" not in active:
+            # onnxruntime-gpu silently falls back to CPU when CUDA libraries are missing.
+            raise ModelNotReady(
+                f"CUDAExecutionProvider was requested but the session runs on {active}: "
+                "CUDA/cuDNN libraries are probably missing"
+            )
+        self.providers = active
+        self.device = "gpu" if "CUDAExecutionProvider" in active else "cpu"
+        self.inputs = [self._spec(i) for i in self.session.get_inputs()]
+        self.outputs = [self._spec(o) for o in self.session.get_outputs()]
+        self._output_names = [o.name for o in self.outputs]
+
+    @staticmethod
+    def _spec(node) -> TensorSpec:  # node: onnxruntime.NodeArg
+        dims = tuple(d if isinstance(d, int) else -1 for d in node.shape)
+        return TensorSpec(node.name, ORT_TO_V2.get(node.type, "BYTES"), dims)
+
+    def infer(
+        self, inputs: dict[str, np.ndarray], output_names: list[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        names = output_names or self._output_names
+        try:
+            results = self.session.run(names, inputs)
+        except Exception as exc:
+            message = str(exc)
+            if "INVALID_ARGUMENT" in message or "Invalid" in message:
+                raise InvalidInput(f"onnxruntime rejected the input: {message}") from None
+            raise EngineError(f"onnxruntime failed: {message}") from None
+        return dict(zip(names, results, strict=True))
+
+    def close(self) -> None:
+        self.session = None
