@@ -107,7 +107,13 @@ class ModelRepository:
 
     def scan(self) -> dict[str, ModelEntry]:
         """Every model folder as an entry; broken ones carry ``error``."""
-        return {name: self.entry(name) for name in self.model_names()}
+        entries = {}
+        for name in self.model_names():
+            try:
+                entries[name] = self.entry(name)
+            except InvalidInput as exc:  # a bad folder name or a symlink leaving the root
+                entries[name] = ModelEntry(name=name, path=self.root / name, error=str(exc))
+        return entries
 
     def entry(self, name: str) -> ModelEntry:
         """Read one model's config and versions. Never raises for a broken model folder."""
@@ -135,7 +141,8 @@ class ModelRepository:
         filename = model_filename(config)
         newest = None
         for number in reversed(entry.all_versions):
-            candidate = entry.path / str(number) / filename
+            # confined to the root: a version folder symlinked outside is refused
+            candidate = confined(self.root, entry.name, str(number), filename)
             if candidate.is_file():
                 newest = candidate
                 break
@@ -151,7 +158,7 @@ class ModelRepository:
         selected = apply_version_policy(config, entry.all_versions)
         for number in selected:
             folder = entry.path / str(number)
-            model_file = confined(folder, filename)
+            model_file = confined(self.root, entry.name, str(number), filename)
             if not model_file.is_file():
                 raise RepositoryError(
                     f"model '{entry.name}' version {number}: '{filename}' is missing"
@@ -234,7 +241,11 @@ class ModelRepository:
         """Remove temp folders left by an interrupted publish; returns what was removed."""
         removed = []
         for name in self.model_names():
-            for child in self.model_dir(name).iterdir():
+            try:
+                model_dir = self.model_dir(name)
+            except InvalidInput:
+                continue
+            for child in model_dir.iterdir():
                 if child.name.startswith(TEMP_PREFIX) and child.is_dir():
                     shutil.rmtree(child, ignore_errors=True)
                     removed.append(child)
