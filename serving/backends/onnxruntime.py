@@ -131,6 +131,8 @@ class OnnxRuntimeEngine:
         self.inputs = [self._spec(i) for i in self.session.get_inputs()]
         self.outputs = [self._spec(o) for o in self.session.get_outputs()]
         self._output_names = [o.name for o in self.outputs]
+        self._string_inputs = {i.name for i in self.inputs if i.datatype == "BYTES"}
+        self._string_outputs = {o.name for o in self.outputs if o.datatype == "BYTES"}
 
     @staticmethod
     def _spec(node) -> TensorSpec:  # node: onnxruntime.NodeArg
@@ -141,14 +143,57 @@ class OnnxRuntimeEngine:
         self, inputs: dict[str, np.ndarray], output_names: list[str] | None = None
     ) -> dict[str, np.ndarray]:
         names = output_names or self._output_names
+        if self._string_inputs:
+            inputs = {
+                name: _to_ort_strings(name, array) if name in self._string_inputs else array
+                for name, array in inputs.items()
+            }
         try:
             results = self.session.run(names, inputs)
         except Exception as exc:
             message = str(exc)
-            if "INVALID_ARGUMENT" in message or "Invalid" in message:
+            if (
+                "INVALID_ARGUMENT" in message
+                or "Invalid" in message
+                or "missing from input feed" in message
+            ):
                 raise InvalidInput(f"onnxruntime rejected the input: {message}") from None
             raise EngineError(f"onnxruntime failed: {message}") from None
-        return dict(zip(names, results, strict=True))
+        outputs = dict(zip(names, results, strict=True))
+        for name in self._string_outputs.intersection(outputs):
+            outputs[name] = _to_bytes(outputs[name])
+        return outputs
 
     def close(self) -> None:
         self.session = None
+
+
+def _to_ort_strings(name: str, array: np.ndarray) -> np.ndarray:
+    """BYTES (object arrays of ``bytes``) as ONNX Runtime string tensors (UTF-8 ``str``).
+
+    onnxruntime turns a ``bytes`` element into its ``repr`` ("b'..'"), so decode first.
+    """
+    if array.dtype.kind == "U":
+        return array
+    flat = array.reshape(-1).tolist()
+    out = np.empty(len(flat), dtype=object)
+    for index, item in enumerate(flat):
+        if isinstance(item, (bytes, bytearray, memoryview)):
+            try:
+                out[index] = bytes(item).decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidInput(
+                    f"input '{name}': BYTES element {index} is not UTF-8; ONNX Runtime string "
+                    "tensors carry UTF-8 text only"
+                ) from None
+        else:
+            out[index] = str(item)
+    return out.reshape(array.shape)
+
+
+def _to_bytes(array: np.ndarray) -> np.ndarray:
+    """ONNX Runtime string outputs (``str``) as BYTES (object arrays of UTF-8 ``bytes``)."""
+    flat = array.reshape(-1).tolist()
+    out = np.empty(len(flat), dtype=object)
+    out[:] = [item.encode("utf-8") if isinstance(item, str) else item for item in flat]
+    return out.reshape(array.shape)
