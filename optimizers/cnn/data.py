@@ -46,8 +46,17 @@ def sample_photos() -> dict[str, np.ndarray]:
 
     photos: dict[str, np.ndarray] = {}
     for name in (
-        "astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
-        "retina", "cat", "colorwheel", "logo", "stereo_motorcycle",
+        "astronaut",
+        "chelsea",
+        "coffee",
+        "rocket",
+        "hubble_deep_field",
+        "immunohistochemistry",
+        "retina",
+        "cat",
+        "colorwheel",
+        "logo",
+        "stereo_motorcycle",
     ):
         loader = getattr(skdata, name, None)
         if loader is None:

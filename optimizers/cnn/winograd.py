@@ -254,8 +254,11 @@ def _drop_unused_initializers(model: onnx.ModelProto) -> None:
     used = {name for node in model.graph.node for name in node.input}
     used.update(o.name for o in model.graph.output)
     keep = [i for i in model.graph.initializer if i.name in used]
-    graph_inputs = [v for v in model.graph.input if v.name in used or v.name not in
-                    {i.name for i in model.graph.initializer}]
+    graph_inputs = [
+        v
+        for v in model.graph.input
+        if v.name in used or v.name not in {i.name for i in model.graph.initializer}
+    ]
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)
     del model.graph.input[:]
