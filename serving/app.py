@@ -1,0 +1,135 @@
+"""``build_app(settings)``: wires routers, exception handlers and the services' lifetime.
+
+Extending: other parts of the server add a router to ``ROUTERS`` (or pass ``routers=``) and
+a lifespan part to ``LIFESPAN_PARTS`` (an async context manager factory taking the app);
+parts are entered in order at start and left in reverse order at shutdown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serving.errors import QueueFull, SlimServeError
+from serving.settings import Settings
+
+log = logging.getLogger(__name__)
+
+LifespanPart = Callable[[FastAPI], contextlib.AbstractAsyncContextManager[Any]]
+
+
+@contextlib.asynccontextmanager
+async def serving_core(app: FastAPI) -> AsyncIterator[None]:
+    """Repository, metrics and models: loaded at start, drained at shutdown."""
+    from serving.manager import ModelManager
+    from serving.metrics import ServerMetrics
+    from serving.repository import ModelRepository
+
+    settings: Settings = app.state.settings
+    repository = ModelRepository(settings.repository)
+    metrics = ServerMetrics()
+    models = ModelManager(repository, metrics, settings)
+    app.state.repository = repository
+    app.state.metrics = metrics
+    app.state.models = models
+    app.state.limits = settings.protocol_limits()
+    await models.start()
+    try:
+        yield
+    finally:
+        await models.close(settings.drain_timeout_s)
+
+
+def default_routers() -> list[APIRouter]:
+    """The routers every server has."""
+    from serving.routers import health, infer, metrics, models, repository
+
+    return [health.router, models.router, infer.router, repository.router, metrics.router]
+
+
+LIFESPAN_PARTS: list[LifespanPart] = [serving_core]
+
+
+async def slimserve_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, SlimServeError)
+    headers = {"Retry-After": "1"} if isinstance(exc, QueueFull) else None
+    return JSONResponse({"error": exc.message}, status_code=exc.status_code, headers=headers)
+
+
+async def validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', '')}"
+        for err in exc.errors()
+    )
+    return JSONResponse({"error": f"invalid request: {problems}"}, status_code=400)
+
+
+async def http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    if exc.status_code == 404 and message == "Not Found":
+        message = f"no endpoint {request.method} {request.url.path}"
+    elif exc.status_code == 405:
+        message = f"method {request.method} is not allowed on {request.url.path}"
+    return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+    log.error(
+        "unhandled error on %s %s", request.method, request.url.path, exc_info=exc
+    )
+    return JSONResponse({"error": "internal server error"}, status_code=500)
+
+
+EXCEPTION_HANDLERS = {
+    SlimServeError: slimserve_error,
+    RequestValidationError: validation_error,
+    StarletteHTTPException: http_error,
+    Exception: internal_error,
+}
+
+
+def build_app(
+    settings: Settings | None = None,
+    *,
+    routers: Sequence[APIRouter] | None = None,
+    lifespan_parts: Sequence[LifespanPart] | None = None,
+) -> FastAPI:
+    """The ASGI app serving ``settings.repository``."""
+    settings = settings or Settings()
+    parts = list(LIFESPAN_PARTS if lifespan_parts is None else lifespan_parts)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            for part in parts:
+                await stack.enter_async_context(part(app))
+            yield
+
+    app = FastAPI(
+        title="slimserve",
+        summary="KServe v2 / Triton-compatible inference server for compressed models",
+        lifespan=lifespan,
+        exception_handlers=EXCEPTION_HANDLERS,
+    )
+    app.state.settings = settings
+    for router in default_routers() if routers is None else routers:
+        app.include_router(router)
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],
+        )
+    return app

@@ -1,0 +1,157 @@
+"""``POST /v2/models/{m}[/versions/{v}]/infer``: the hot path, kept lean.
+
+Raw body in (no Content-Type needed), ``serving.protocol`` to decode and encode (orjson,
+binary tensors), the version's ``DynamicBatcher`` to run, ``Response(bytes)`` out. A client
+that disconnects while its request waits gets the request cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from serving.batching import DynamicBatcher
+from serving.errors import InvalidInput, PayloadTooLarge, SlimServeError
+from serving.manager import LoadedVersion
+from serving.protocol import (
+    HEADER_LENGTH,
+    ProtocolLimits,
+    check_inputs,
+    compress_body,
+    decode_infer_request,
+    decompress_body,
+    encode_infer_response,
+)
+from serving.routers.deps import parse_version
+
+router = APIRouter(tags=["inference"])
+
+CLIENT_CLOSED = 499  # nginx's "client closed request"; nobody reads it
+
+
+class ClientDisconnected(SlimServeError):
+    status_code = CLIENT_CLOSED
+    reason = "cancelled"
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole request body, refusing more than ``limit`` bytes (413)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit}")
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _header_length(value: str | None) -> int | None:
+    if value is None:
+        return None
+    value = value.strip()
+    if not value.isdigit():
+        raise InvalidInput(f"{HEADER_LENGTH} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+async def _wait_disconnect(request: Request) -> None:
+    receive = request.receive
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def submit_cancellable(
+    request: Request, batcher: DynamicBatcher, arrays: dict[str, np.ndarray], **options: Any
+) -> tuple[dict[str, np.ndarray], Any]:
+    """Submit to the batcher; cancel the request when the client disconnects first."""
+    task = asyncio.ensure_future(batcher.submit(arrays, **options))
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled():
+        raise ClientDisconnected("the client disconnected before its request ran")
+    return task.result()
+
+
+def _check_outputs(loaded: LoadedVersion, names: list[str] | None) -> None:
+    if names is None:
+        return
+    known = {spec.name for spec in loaded.outputs}
+    for name in names:
+        if name not in known:
+            expected = ", ".join(f"'{n}'" for n in sorted(known))
+            raise InvalidInput(f"unknown output '{name}'; the model has outputs {expected}")
+
+
+async def run_infer(request: Request, name: str, version: str | None) -> Response:
+    """Decode, check, batch, encode; metrics and statistics for every outcome."""
+    started = time.perf_counter_ns()
+    state = request.app.state
+    loaded: LoadedVersion = state.models.get(name, parse_version(version))
+    limits: ProtocolLimits = state.limits
+    metrics = state.metrics
+    label = str(loaded.version)
+    headers = request.headers
+    with loaded.use():
+        try:
+            raw = await read_body(request, limits.max_body_bytes)
+            body = decompress_body(raw, headers.get("content-encoding"), limits)
+            decoded = decode_infer_request(
+                body, header_length=_header_length(headers.get(HEADER_LENGTH)), limits=limits
+            )
+            arrays = check_inputs(decoded, loaded.inputs, loaded.config.max_batch_size)
+            output_names = decoded.output_names
+            _check_outputs(loaded, output_names)
+            outputs, timings = await submit_cancellable(
+                request,
+                loaded.batcher,
+                arrays,
+                output_names=output_names,
+                priority=decoded.priority,
+                timeout_us=decoded.timeout_us,
+            )
+            content, out_headers = encode_infer_response(
+                model_name=name, model_version=label, request=decoded, outputs=outputs
+            )
+        except SlimServeError as exc:
+            elapsed = time.perf_counter_ns() - started
+            metrics.request_failed(name, label, reason=exc.reason, request_ns=elapsed)
+            loaded.statistics.record_failure(elapsed)
+            raise
+    accept = headers.get("accept-encoding")
+    if accept:
+        content, encoding = compress_body(content, accept)
+        if encoding:
+            out_headers["Content-Encoding"] = encoding
+    rows = next(iter(arrays.values())).shape[0] if loaded.config.max_batch_size > 0 else 1
+    elapsed = time.perf_counter_ns() - started
+    metrics.request_succeeded(name, label, request_ns=elapsed, timings=timings, rows=rows)
+    loaded.statistics.record_success(timings, rows, request_ns=elapsed)
+    return Response(content=content, headers=out_headers)
+
+
+@router.post("/v2/models/{name}/infer")
+async def infer(name: str, request: Request) -> Response:
+    """Run inference on the newest ready version."""
+    return await run_infer(request, name, None)
+
+
+@router.post("/v2/models/{name}/versions/{version}/infer")
+async def infer_version(name: str, version: str, request: Request) -> Response:
+    """Run inference on one version."""
+    return await run_infer(request, name, version)
