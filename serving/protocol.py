@@ -124,10 +124,9 @@ def decompress_body(body: bytes, content_encoding: str | None, limits: ProtocolL
         return _inflate(body, 16 + zlib.MAX_WBITS, "gzip", limits.max_decompressed_bytes)
     if encoding == "deflate":
         # RFC 9110 "deflate" is the zlib format; some clients send raw deflate streams.
-        try:
-            return _inflate(body, zlib.MAX_WBITS, "deflate", limits.max_decompressed_bytes)
-        except InvalidInput:
-            return _inflate(body, -zlib.MAX_WBITS, "deflate", limits.max_decompressed_bytes)
+        zlib_header = len(body) >= 2 and body[0] & 0x0F == 8 and (body[0] * 256 + body[1]) % 31 == 0
+        wbits = zlib.MAX_WBITS if zlib_header else -zlib.MAX_WBITS
+        return _inflate(body, wbits, "deflate", limits.max_decompressed_bytes)
     raise InvalidInput(
         f"unsupported Content-Encoding '{content_encoding}'; use gzip, deflate or identity"
     )
@@ -504,12 +503,15 @@ def _decode_json_data(
                 )
             return inferred.astype(dtype, copy=False).reshape(shape)
         return _json_ints_slow(data, name, datatype, dtype, shape)
-    # float types: ints and floats are fine, anything else is not a number.
+    # float types: ints and floats are fine, anything else is not a number. (As in Python,
+    # a true/false mixed into a list of numbers counts as 1/0: checking every element in
+    # Python would cost more than decoding.)
     if kind not in ("f", "i", "u"):
         if kind == "b":
             raise InvalidInput(f"input '{name}': {datatype} data holds true/false values")
         raise InvalidInput(f"input '{name}': {datatype} data holds non-numeric values")
-    result = inferred.astype(dtype, copy=False)
+    with np.errstate(over="ignore"):
+        result = inferred.astype(dtype, copy=False)
     if dtype.itemsize < 8 and not np.isfinite(result).all():
         overflow = np.isinf(result) & np.isfinite(inferred)
         if overflow.any():
