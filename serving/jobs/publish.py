@@ -1,0 +1,154 @@
+"""Publish a finished job's result into the model repository, or take it back.
+
+A new model gets the original (as ONNX) as one version and the winning engine as the next,
+with ``config.pbtxt`` (platform from the result, ``dynamic_batching`` on, inputs and outputs
+left to auto-complete for ONNX). An existing model gets the winner, plus the original when
+no existing version holds the same bytes. ``report.json`` names ``source_version``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tritonclient.grpc import model_config_pb2 as mc
+
+from serving.errors import Conflict, InvalidInput
+from serving.fileutil import atomic_write_bytes, confined
+from serving.model_config import PLATFORM_FILES, autocomplete_from_onnx
+from serving.repository import ModelRepository, model_filename
+
+
+@dataclass
+class Published:
+    """What one publish added: version numbers, and whether it created the model."""
+
+    name: str
+    version: int
+    source_version: int
+    added_versions: list[int] = field(default_factory=list)
+    created_model: bool = False
+    old_config: bytes | None = None
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def new_model_config(platform: str, original_onnx: Path, name: str) -> mc.ModelConfig:
+    """config.pbtxt for a new model: platform, max_batch_size, dynamic batching."""
+    described = autocomplete_from_onnx(mc.ModelConfig(), original_onnx, name=name)
+    config = mc.ModelConfig(name=name, platform=platform)
+    config.max_batch_size = described.max_batch_size
+    if platform != "onnxruntime_onnx":  # auto-complete only reads ONNX graphs
+        config.input.extend(described.input)
+        config.output.extend(described.output)
+    if config.max_batch_size > 0:
+        config.dynamic_batching.SetInParent()
+    return config
+
+
+def _matching_version(repository: ModelRepository, name: str, original: Path) -> int | None:
+    """An existing version whose model.onnx has the same bytes as ``original``."""
+    digest = None
+    for number in reversed(repository.version_numbers(name)):
+        candidate = repository.model_dir(name) / str(number) / "model.onnx"
+        if candidate.is_file() and candidate.stat().st_size == original.stat().st_size:
+            digest = digest or file_digest(original)
+            if file_digest(candidate) == digest:
+                return number
+    return None
+
+
+def _report(result: dict[str, Any]) -> dict[str, Any]:
+    report = dict(result.get("report") or {})
+    report_file = (result.get("files") or {}).get("report.json")
+    if not report and report_file and Path(report_file).is_file():
+        report = json.loads(Path(report_file).read_text(encoding="utf-8"))
+    return report
+
+
+def publish_result(
+    repository: ModelRepository, name: str, result: dict[str, Any], *, job_id: str
+) -> Published:
+    """Publish ``result`` (a worker's ``result.json``) as new version(s) of ``name``."""
+    platform = result["platform"]
+    if platform not in PLATFORM_FILES:
+        raise InvalidInput(f"the pipeline produced platform '{platform}', which cannot be served")
+    engine = Path(result["engine_file"])
+    original = Path(result["original_file"]) if result.get("original_file") else None
+    if original is None or not original.is_file():
+        raise InvalidInput("the pipeline returned no original ONNX file to publish")
+    model_dir = repository.model_dir(name)
+    existing = model_dir.is_dir() and bool(repository.version_numbers(name))
+    config = None
+    if existing:
+        entry = repository.entry(name)
+        if entry.config is None:
+            raise Conflict(f"model '{name}' in the repository is broken ({entry.error}); fix it")
+        if (
+            entry.config.platform != platform
+            or model_filename(entry.config) != (PLATFORM_FILES[platform])
+        ):
+            raise Conflict(
+                f"model '{name}' is served as '{entry.config.platform}', but the optimized "
+                f"engine is '{platform}'; upload it under a new model name"
+            )
+    else:
+        config = new_model_config(platform, original, name)
+    config_path = model_dir / "config.pbtxt"
+    published = Published(
+        name=name,
+        version=0,
+        source_version=0,
+        created_model=not model_dir.exists(),
+        old_config=config_path.read_bytes() if config_path.is_file() else None,
+    )
+    try:
+        source_version = _matching_version(repository, name, original) if existing else None
+        if source_version is None:
+            original_files: dict[str, bytes | Path] = {"model.onnx": original}
+            for relative, path in (result.get("original_files") or {}).items():
+                original_files[relative] = Path(path)
+            source_version = repository.publish_version(name, original_files)
+            published.added_versions.append(source_version)
+        report = {**_report(result), "source_version": source_version, "job_id": job_id}
+        files: dict[str, bytes | Path] = {PLATFORM_FILES[platform]: engine}
+        for relative, path in (result.get("files") or {}).items():
+            if relative != "report.json":
+                files[relative] = Path(path)
+        files["report.json"] = json.dumps(report, indent=1, default=str).encode("utf-8")
+        version = repository.publish_version(name, files, config=config)
+        published.added_versions.append(version)
+    except BaseException:
+        rollback(repository, published)
+        raise
+    published.version = version
+    published.source_version = source_version
+    published.report = report
+    return published
+
+
+def rollback(repository: ModelRepository, published: Published) -> None:
+    """Remove what ``published`` added (the whole model folder if it created the model)."""
+    model_dir = repository.model_dir(published.name)
+    if published.created_model:
+        shutil.rmtree(model_dir, ignore_errors=True)
+        return
+    for number in published.added_versions:
+        shutil.rmtree(confined(model_dir, str(number)), ignore_errors=True)
+    config_path = model_dir / "config.pbtxt"
+    if published.old_config is not None:
+        if not config_path.is_file() or config_path.read_bytes() != published.old_config:
+            atomic_write_bytes(config_path, published.old_config)
+    else:
+        config_path.unlink(missing_ok=True)
