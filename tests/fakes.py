@@ -34,6 +34,7 @@ class FakeEngine:
         self.outputs = [TensorSpec("y", datatype, (-1, width)), TensorSpec("n", "INT64", (-1, 1))]
         self.device = "cpu"
         self.batches: list[int] = []  # rows per executed batch
+        self.seen: list[np.ndarray] = []  # the input of every batch, in execution order
         self.calls = 0
         self.closed = False
         self.running = threading.Event()  # set while infer() runs
@@ -47,6 +48,7 @@ class FakeEngine:
         with self._lock:
             self.calls += 1
             self.batches.append(int(x.shape[0]))
+            self.seen.append(np.array(x))
         self.running.set()
         try:
             if self.release is not None:
