@@ -1,0 +1,109 @@
+"""Upload-and-optimize endpoints.
+
+``POST /v2/optimize`` takes a multipart upload (``model`` file, ``request`` JSON, optional
+``calibration`` file) and answers 202 with the job's id and URL; the job resource lives at
+``/v2/optimize/jobs[/{id}]`` (``GET`` status, progress, log tail, report; ``DELETE``
+cancels). The paths sit beside the KServe v2 routes without clashing with them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request, Response, status
+
+from serving.errors import ServerShuttingDown
+from serving.jobs import JobManager
+from serving.jobs.records import JobRecord
+
+router = APIRouter(prefix="/v2/optimize", tags=["optimize"])
+
+UPLOAD_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["model", "request"],
+                    "properties": {
+                        "model": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": ".onnx, .pt2, or .zip/.tar.gz of a Hugging Face "
+                            "folder (config.json + model.safetensors) or an ONNX model with "
+                            "external data",
+                        },
+                        "request": {
+                            "type": "string",
+                            "description": 'JSON, e.g. {"name": "my_model", "target": "cpu", '
+                            '"batch_size": 8, "seq_len": 128, "min_cosine": 0.99, '
+                            '"max_accuracy_drop": null, "time_budget_s": 600, "allow": null}',
+                        },
+                        "calibration": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": ".npz of input arrays, or text, one example a line",
+                        },
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+def get_jobs(request: Request) -> JobManager:
+    jobs = getattr(request.app.state, "jobs", None)
+    if jobs is None:
+        raise ServerShuttingDown("the optimization job manager is not running")
+    return jobs
+
+
+JobsDep = Annotated[JobManager, Depends(get_jobs)]
+
+
+def job_url(job_id: str) -> str:
+    return f"{router.prefix}/jobs/{job_id}"
+
+
+def job_view(record: JobRecord, *, full: bool = True) -> dict[str, Any]:
+    data = record.to_dict() if full else record.summary()
+    data["url"] = job_url(record.id)
+    return data
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED, openapi_extra=UPLOAD_DOC)
+async def upload(request: Request, response: Response, jobs: JobsDep) -> dict[str, Any]:
+    """Upload a model and start an optimization job; 202 with the job id and URL."""
+    length = request.headers.get("content-length")
+    record = await jobs.submit_upload(
+        request.stream(),
+        request.headers.get("content-type"),
+        int(length) if length and length.isdigit() else None,
+    )
+    response.headers["Location"] = job_url(record.id)
+    return {
+        "id": record.id,
+        "state": record.state,
+        "model": record.model,
+        "url": job_url(record.id),
+    }
+
+
+@router.get("/jobs")
+async def list_jobs(jobs: JobsDep) -> dict[str, Any]:
+    """Every job, oldest first (without reports and log tails)."""
+    return {"jobs": [job_view(r, full=False) for r in jobs.list()]}
+
+
+@router.get("/jobs/{job_id}")
+async def get_job(job_id: str, jobs: JobsDep) -> dict[str, Any]:
+    """State, stage, progress, current candidate, log tail, error, version, report."""
+    return job_view(jobs.get(job_id))
+
+
+@router.delete("/jobs/{job_id}")
+async def cancel_job(job_id: str, jobs: JobsDep) -> dict[str, Any]:
+    """Cancel a queued or running job (409 when it has already finished)."""
+    return job_view(await jobs.cancel(job_id))
