@@ -49,12 +49,26 @@ async def serving_core(app: FastAPI) -> AsyncIterator[None]:
 
 def default_routers() -> list[APIRouter]:
     """The routers every server has."""
-    from serving.routers import health, infer, metrics, models, repository
+    from serving.routers import health, infer, jobs, metrics, models, repository
 
-    return [health.router, models.router, infer.router, repository.router, metrics.router]
+    return [
+        health.router,
+        models.router,
+        infer.router,
+        repository.router,
+        metrics.router,
+        jobs.router,
+    ]
 
 
-LIFESPAN_PARTS: list[LifespanPart] = [serving_core]
+def optimization_jobs(app: FastAPI) -> contextlib.AbstractAsyncContextManager[Any]:
+    """Upload/optimization jobs (``app.state.jobs``), started after the serving core."""
+    from serving.jobs.service import job_service
+
+    return job_service(app)
+
+
+LIFESPAN_PARTS: list[LifespanPart] = [serving_core, optimization_jobs]
 
 
 async def slimserve_error(request: Request, exc: Exception) -> JSONResponse:
