@@ -1,0 +1,90 @@
+"""The default candidate chains per model family and target, plus registered ones.
+
+A chain is a list of ``(pass name, config overrides)``; chains sharing a prefix share its
+work (the search evaluates a tree). The baseline (the source as ONNX) is always measured.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from optimizers.registry import available_passes, normalize_step, registered_chains
+
+Step = tuple[str, dict[str, Any]]
+
+_FUSE = ("ort_transformer_optimize", {})
+_GRAPH = ("ort_graph_optimize", {})
+_DYN = ("quantize_dynamic", {})
+_STATIC = ("quantize_static", {})
+_FP16 = ("fp16", {})
+_LOWRANK = ("lowrank", {})
+
+DEFAULT_CHAINS: dict[str, dict[str, list[list[Step]]]] = {
+    "transformer": {
+        "cpu": [
+            [_FUSE],
+            [_DYN],
+            [_FUSE, _DYN],
+            [_FUSE, _STATIC],
+            [_FUSE, _FP16],
+            [_LOWRANK],
+            [_LOWRANK, _DYN],
+        ],
+        "cuda": [[_FUSE], [_FUSE, _FP16], [_STATIC], [_LOWRANK, _FUSE, _FP16]],
+        "tensorrt": [[_FUSE], [_FP16], [_STATIC]],
+    },
+    "cnn": {
+        "cpu": [[_GRAPH], [_GRAPH, _STATIC], [_DYN], [_FP16], [_LOWRANK]],
+        "cuda": [[_GRAPH], [_FP16], [_STATIC]],
+        "tensorrt": [[_FP16], [_STATIC]],
+    },
+    "generic": {
+        "cpu": [[_GRAPH], [_GRAPH, _DYN], [_STATIC], [_FP16], [_LOWRANK], [_LOWRANK, _DYN]],
+        "cuda": [[_GRAPH], [_FP16], [_STATIC]],
+        "tensorrt": [[_FP16], [_STATIC]],
+    },
+}
+
+
+def chain_label(chain: list[Step]) -> str:
+    """``a -> b(k=v)`` for reports and progress."""
+    if not chain:
+        return "original"
+    parts = []
+    for name, overrides in chain:
+        if overrides:
+            options = ",".join(f"{k}={v}" for k, v in sorted(overrides.items()))
+            parts.append(f"{name}({options})")
+        else:
+            parts.append(name)
+    return " -> ".join(parts)
+
+
+def build_chains(
+    family: str, target: str, allow: tuple[str, ...] | None = None
+) -> tuple[list[list[Step]], list[dict[str, Any]]]:
+    """Candidate chains for ``family``/``target`` filtered by ``allow``; also the chains left
+    out, each with the reason (unknown pass, not allowed, does not help the target)."""
+    passes = available_passes()
+    chains = [list(c) for c in DEFAULT_CHAINS.get(family, DEFAULT_CHAINS["generic"])[target]]
+    for chain in registered_chains(family):
+        helps = all(target in passes[n].helps for n, _ in chain if n in passes)
+        if helps:
+            chains.append([normalize_step(s) for s in chain])
+    if family != "generic":
+        for chain in registered_chains("generic"):
+            if all(target in passes[n].helps for n, _ in chain if n in passes):
+                chains.append([normalize_step(s) for s in chain])
+    kept: list[list[Step]] = []
+    skipped: list[dict[str, Any]] = []
+    for chain in chains:
+        names = [name for name, _ in chain]
+        unknown = [n for n in names if n not in passes]
+        if unknown:
+            skipped.append({"passes": names, "reason": f"unknown pass(es): {unknown}"})
+        elif allow is not None and any(n not in allow for n in names):
+            not_allowed = [n for n in names if n not in allow]
+            skipped.append({"passes": names, "reason": f"not allowed by request: {not_allowed}"})
+        elif chain not in kept:
+            kept.append(chain)
+    return kept, skipped

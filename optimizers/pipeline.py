@@ -1,0 +1,283 @@
+"""Orchestrates one optimization job: load -> export -> calibrate -> search -> report.
+
+Called through ``optimizers.api.run_optimization``; writes everything under ``workdir``
+(``source/``, ``passes/``, ``original/model.onnx``, ``result/model.onnx`` + report files).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from optimizers.api import OptimizationRequest, OptimizationResult, ProgressCallback
+from optimizers.calibration import load_calibration, synthetic_feeds
+from optimizers.chains import build_chains
+from optimizers.loaders import LoadedSource, load_source, transformer_example
+from optimizers.measure import MeasureSettings, torch_latency
+from optimizers.onnxutil import graph_io, load_model, model_files, save_model
+from optimizers.passes.base import Artifact, Cancelled, PassContext
+from optimizers.registry import LOAD_ERRORS, get_pass
+from optimizers.report import plot, write_json
+from optimizers.search import Search, SearchSettings
+
+PLATFORM = "onnxruntime_onnx"
+
+
+class _Progress:
+    """Turns pass/search callbacks into ``{"stage","message","fraction","candidate"}`` events."""
+
+    def __init__(self, callback: ProgressCallback | None) -> None:
+        self.callback = callback
+        self.stage = "load"
+        self.candidate: str | None = None
+
+    def emit(self, stage: str, message: str, fraction: float | None = None) -> None:
+        self.stage = stage
+        if self.callback is not None:
+            self.callback(
+                {
+                    "stage": stage,
+                    "message": message,
+                    "fraction": fraction,
+                    "candidate": self.candidate,
+                }
+            )
+
+    def from_pass(self, message: str, fraction: float | None) -> None:
+        self.emit(self.stage, message, fraction)
+
+
+def optimize(
+    source: Path,
+    request: OptimizationRequest,
+    workdir: Path,
+    *,
+    calibration: Path | None = None,
+    progress: ProgressCallback | None = None,
+    cancel_event: threading.Event | None = None,
+    measure: MeasureSettings | None = None,
+) -> OptimizationResult:
+    """See ``optimizers.api.run_optimization``."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    started = time.monotonic()
+    workdir.mkdir(parents=True, exist_ok=True)
+    events = _Progress(progress)
+    measure = measure or MeasureSettings()
+    deadline = started + request.time_budget_s if request.time_budget_s else None
+    ctx = PassContext(
+        workdir=workdir / "passes",
+        target=request.target,  # type: ignore[arg-type]
+        batch_size=request.batch_size,
+        seq_len=request.seq_len,
+        deadline=deadline,
+        cancel_event=cancel_event,
+        progress=events.from_pass,
+    )
+
+    events.emit("load", f"loading {source.name}")
+    loaded = load_source(source, workdir)
+    ctx.check_cancelled()
+
+    eager: dict[str, Any] | None = None
+    export_report: dict[str, Any] | None = None
+    artifact = loaded.artifact
+    torch_model = artifact.torch_model if artifact.kind == "torch" else None
+    if artifact.kind == "torch":
+        events.emit("export", "exporting to ONNX (parity checked)")
+        result = get_pass("export").run(artifact, ctx)
+        export_report = {"seconds": round(result.seconds, 3), **result.report}
+        artifact = result.artifact
+    ctx.check_cancelled()
+
+    original = save_model(load_model(artifact.onnx_path), workdir / "original" / "model.onnx")
+    artifact = Artifact("onnx", artifact.family, onnx_path=original, meta=dict(artifact.meta))
+    specs, _outputs = graph_io(original)
+
+    events.emit("calibrate", "preparing calibration and held-out data")
+    ctx.calibration = load_calibration(
+        calibration,
+        specs,
+        family=artifact.family,
+        meta=artifact.meta,
+        tokenizer_dir=loaded.tokenizer_dir,
+        batch_size=request.batch_size,
+        seq_len=request.seq_len,
+    )
+    timing = timing_feeds(artifact, specs, request)
+    if torch_model is not None:
+        events.emit("baseline", "measuring PyTorch eager")
+        eager = _eager_latency(torch_model, artifact, timing, measure)
+
+    events.emit("baseline", "measuring the original in ONNX Runtime")
+    settings = SearchSettings(
+        bound=request.fidelity_bound(),
+        measure=measure,
+        pass_defaults={"target_cosine": request.min_cosine},
+    )
+
+    def on_candidate(label: str, done: int, total: int) -> None:
+        events.candidate = label
+        events.emit("search", f"candidate {done}/{total}: {label}", (done - 1) / max(total, 1))
+
+    search = Search(artifact, ctx, settings, timing, on_candidate)
+    chains, skipped_chains = build_chains(artifact.family, request.target, request.allow)
+    search.run(chains)
+    events.candidate = None
+    winner = search.winner()
+
+    events.emit("report", f"winner: {winner.id}", 1.0)
+    result_dir = workdir / "result"
+    engine = save_model(load_model(winner.artifact.onnx_path), result_dir / "model.onnx")
+    report = build_report(
+        request,
+        loaded,
+        search,
+        winner,
+        eager,
+        export_report,
+        timing,
+        skipped_chains,
+        time.monotonic() - started,
+    )
+    files = {name: path for name, path in model_files(engine).items() if name != engine.name}
+    files["report.json"] = write_json(report, result_dir / "report.json")
+    try:
+        files["report.png"] = plot(report, result_dir / "report.png")
+    except Exception as exc:  # a plotting problem must not lose the engine
+        report["plot_error"] = f"{type(exc).__name__}: {exc}"
+        write_json(report, result_dir / "report.json")
+    original_files = {n: p for n, p in model_files(original).items() if n != original.name}
+    events.emit("done", f"done: {winner.id} {winner.latency_ms:.2f} ms", 1.0)
+    return OptimizationResult(
+        engine_file=engine,
+        platform=PLATFORM,
+        files=files,
+        report=report,
+        original_file=original,
+        original_files=original_files,
+    )
+
+
+def timing_feeds(
+    artifact: Artifact, specs: list, request: OptimizationRequest
+) -> dict[str, np.ndarray]:
+    """One batch at exactly the requested batch size and sequence length (no padding)."""
+    if artifact.family == "transformer" and "input_names" in artifact.meta:
+        names = [s.name for s in specs]
+        meta = {**artifact.meta, "input_names": names}
+        return transformer_example(meta, request.batch_size, request.seq_len, seed=7)
+    return synthetic_feeds(
+        specs,
+        request.batch_size,
+        request.seq_len,
+        artifact.family,
+        artifact.meta,
+        seed=7,
+        full_mask=True,
+    )
+
+
+def _eager_latency(
+    model: Any, artifact: Artifact, feeds: dict[str, np.ndarray], measure: MeasureSettings
+) -> dict[str, Any] | None:
+    import torch
+
+    if isinstance(model, torch.export.ExportedProgram):
+        module = model.module()
+        names = list(artifact.meta["input_names"])
+        tensors = [torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in names]
+
+        def call(**_: Any) -> Any:
+            return module(*tensors)
+
+        result = torch_latency(call, {}, measure)
+    else:
+        result = torch_latency(model, feeds, measure)
+    result["latency_ms"] = result["median_ms"]
+    return result
+
+
+def build_report(
+    request: OptimizationRequest,
+    loaded: LoadedSource,
+    search: Search,
+    winner: Any,
+    eager: dict[str, Any] | None,
+    export_report: dict[str, Any] | None,
+    timing: dict[str, np.ndarray],
+    skipped_chains: list[dict[str, Any]],
+    seconds: float,
+) -> dict[str, Any]:
+    """The ``report.json`` document."""
+    calibration = search.ctx.calibration
+    base = search.baseline
+    eager_ms = eager["latency_ms"] if eager else None
+    candidates = []
+    for candidate in search.candidates:
+        entry = candidate.to_dict()
+        ms = candidate.latency_ms
+        entry["speedup_vs_original"] = (base.latency_ms / ms) if ms else None
+        entry["speedup_vs_eager"] = (eager_ms / ms) if (ms and eager_ms) else None
+        candidates.append(entry)
+    winner_entry = next(c for c in candidates if c["id"] == winner.id)
+    providers = (base.latency or {}).get("providers", [])
+    report: dict[str, Any] = {
+        "schema_version": 1,
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "name": request.name,
+        "request": request.to_dict(),
+        "source": loaded.description,
+        "family": base.artifact.family,
+        "target": request.target,
+        "providers": providers,
+        "shapes": {
+            "batch_size": request.batch_size,
+            "seq_len": request.seq_len,
+            "inputs": {name: list(array.shape) for name, array in timing.items()},
+        },
+        "fidelity_bound": request.fidelity_bound(),
+        "calibration": {
+            "source": calibration.get("source"),
+            "synthetic": bool(calibration.get("synthetic")),
+            "examples": calibration.get("examples"),
+            "labels": calibration.get("labels") is not None,
+        },
+        "baseline": {
+            "latency_ms": base.latency_ms,
+            "onnx_fp32": base.latency,
+            "pytorch_eager": eager,
+        },
+        "export": export_report,
+        "candidates": candidates,
+        "skipped_chains": skipped_chains,
+        "winner": {
+            "id": winner.id,
+            "passes": winner_entry["passes"],
+            "label": winner_entry["label"],
+            "latency_ms": winner.latency_ms,
+            "fidelity": winner.fidelity,
+            "size_bytes": winner.size_bytes,
+            "speedup_vs_original": winner_entry["speedup_vs_original"],
+            "speedup_vs_eager": winner_entry["speedup_vs_eager"],
+        },
+        "seconds": round(seconds, 2),
+    }
+    if calibration.get("synthetic"):
+        report["fidelity_note"] = (
+            f"fidelity was measured on synthetic data ({calibration.get('source')}), "
+            "not on user-supplied calibration data"
+        )
+    if (base.latency or {}).get("note"):
+        report["measurement_note"] = base.latency["note"]
+    if LOAD_ERRORS:
+        report["technique_package_errors"] = dict(LOAD_ERRORS)
+    return report
+
+
+__all__ = ["Cancelled", "optimize"]
