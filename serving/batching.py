@@ -246,6 +246,17 @@ class DynamicBatcher:
                     pending.future.set_exception(
                         ServerShuttingDown(f"model '{self.name}' unloaded before the request ran")
                     )
+        if self._executing:
+            # Batches already on an engine cannot be interrupted; give them as long again,
+            # so the owner does not close an engine under a running batch.
+            self._drained.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), drain_timeout_s)
+            if self._executing:
+                log.warning(
+                    "model '%s': %d request(s) still executing after close", self.name,
+                    self._executing,
+                )
         if self._dispatcher is not None:
             self._dispatcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -459,11 +459,14 @@ def test_close_after_the_drain_timeout_fails_what_is_left():
         await until(engine.running.is_set)
         waiting = asyncio.ensure_future(batcher.submit({"x": rows(1, 1.0)}))
         await until(lambda: batcher.queue_depth == 1)
-        await batcher.close(drain_timeout_s=0.05)
+        closing = asyncio.ensure_future(batcher.close(drain_timeout_s=0.5))
         with pytest.raises(ServerShuttingDown, match="unloaded before the request ran"):
             await waiting
+        assert not closing.done()  # still waiting for the batch on the engine
         engine.release.set()
         await running  # what was already executing still finishes
+        await closing
+        assert batcher.in_flight == 0
 
     run(main())
 
