@@ -38,6 +38,7 @@ class Int8Options:
     min_agreement: float = 0.99  # top-1 agreement with FP32, when they are not
     max_excluded: int = 6
     max_mse: float | None = None  # optional bound on the output MSE relative to FP32's
+    min_cosine: float | None = None  # optional bound on the mean output cosine to FP32
     percentile: float = 99.999
     preprocess: bool = True
 
@@ -87,6 +88,8 @@ class Evaluation:
 def passes(score: dict[str, float], options: Int8Options) -> bool:
     """True when ``score`` is inside the bound (accuracy drop with labels, else agreement)."""
     if options.max_mse is not None and score["mse"] > options.max_mse:
+        return False
+    if options.min_cosine is not None and score["cosine"] < options.min_cosine:
         return False
     if "accuracy" in score:
         return score["fp32_accuracy"] - score["accuracy"] <= options.max_accuracy_drop + 1e-9
