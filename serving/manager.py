@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -323,19 +324,40 @@ class ModelManager:
             raise InvalidInput(
                 f"the config parameter names model '{config.name}' but the request loads '{name}'"
             )
+        published: list[int] = []
         if files:
-            await self._publish_files(name, files, config)
+            published = await self._publish_files(name, files, config)
         elif config is not None:
             await self._run(self.repository.write_model_config, name, config)
         elif not self.repository.model_dir(name).is_dir():
             raise ModelNotFound(f"model '{name}' is not in the repository")
         record = await self._load_model(name)
-        if not record.ready_versions():
-            raise RepositoryError(f"failed to load '{name}': {self._reason(record)}")
+        failure = self._load_failure(record)
+        if failure:
+            if published:  # refuse the upload: take its version folders back out
+                model_dir = self.repository.model_dir(name)
+                for number in published:
+                    await self._run(shutil.rmtree, confined(model_dir, str(number)), True)
+                await self._load_model(name)
+            raise RepositoryError(f"failed to load '{name}': {failure}")
+
+    @staticmethod
+    def _load_failure(record: ModelRecord) -> str:
+        """Why the last load of ``record`` failed ("" when every version is ready)."""
+        if record.error:
+            return record.error
+        reasons = [
+            f"version {n}: {s.reason}"
+            for n, s in sorted(record.versions.items())
+            if s.state is ModelState.UNAVAILABLE or (s.reason and s.loaded is not None)
+        ]
+        if reasons:
+            return "; ".join(reasons)
+        return "" if record.ready_versions() else "no version became ready"
 
     async def _publish_files(
         self, name: str, files: dict[str, bytes], config: ModelConfig | None
-    ) -> None:
+    ) -> list[int]:
         by_version: dict[int, dict[str, bytes]] = {}
         for key, content in files.items():
             head, _, relative = key.partition("/")
@@ -343,6 +365,12 @@ class ModelManager:
                 raise InvalidInput(
                     f"file parameter 'file:{key}' must be 'file:<version>/<path>' with a "
                     "positive version number, e.g. 'file:1/model.onnx'"
+                )
+            parts = relative.split("/")
+            if relative.startswith("/") or any(part in ("", ".", "..") for part in parts):
+                raise InvalidInput(
+                    f"file parameter 'file:{key}': the path escapes the version folder; "
+                    "use plain relative names like 'file:1/model.onnx'"
                 )
             by_version.setdefault(int(head), {})[relative] = content
         model_dir = self.repository.model_dir(name)
@@ -360,6 +388,7 @@ class ModelManager:
                     name, f, version=n, config=config
                 )
             )
+        return sorted(by_version)
 
     async def unload(self, name: str) -> None:
         """Unload every version of ``name`` (requests already running finish first)."""
@@ -375,8 +404,9 @@ class ModelManager:
     async def reload(self, name: str) -> None:
         """Hot swap: rescan ``name`` and load what changed before dropping what is gone."""
         record = await self._load_model(name)
-        if not record.ready_versions():
-            raise RepositoryError(f"failed to load '{name}': {self._reason(record)}")
+        failure = self._load_failure(record)
+        if failure:
+            raise RepositoryError(f"failed to reload '{name}': {failure}")
 
     async def poll_once(self) -> None:
         """Rescan the repository: load new or changed models, unload removed ones."""

@@ -43,6 +43,7 @@ class RemoteServer:
         self.ready_timeout_s = ready_timeout_s
         self.wait_ready = wait_ready
         self.process: subprocess.Popen[bytes] | None = None
+        self.terminated = False  # set once we sent SIGTERM (an exit is then expected)
         self.port: int | None = None
         fd, path = tempfile.mkstemp(prefix="slimserve-", suffix=".log")
         self._log = os.fdopen(fd, "wb")
@@ -118,6 +119,7 @@ class RemoteServer:
     def terminate(self) -> None:
         """Send SIGTERM (graceful shutdown: drain, then exit)."""
         assert self.process is not None
+        self.terminated = True
         self.process.send_signal(signal.SIGTERM)
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
@@ -142,7 +144,9 @@ class RemoteServer:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        died = self.process is not None and self.process.poll() is not None
+        died = (
+            self.process is not None and self.process.poll() is not None and not self.terminated
+        )
         code = self.stop()
         if died and exc_type is None:
             raise ServerDied(f"server died during the test (exit code {code}); log:\n{self.log}")
