@@ -36,9 +36,7 @@ def serve(
     ] = None,
     host: Annotated[str | None, typer.Option(help="bind address")] = None,
     port: Annotated[int | None, typer.Option(help="port (0 picks a free one)")] = None,
-    model_control_mode: Annotated[
-        str | None, typer.Option(help="none | explicit | poll")
-    ] = None,
+    model_control_mode: Annotated[str | None, typer.Option(help="none | explicit | poll")] = None,
     load_model: Annotated[
         list[str] | None,
         typer.Option(help="model to load at start in explicit mode ('*' = all); repeatable"),

@@ -559,8 +559,13 @@ class ModelManager:
             tasks = []
             for number, mv in wanted.items():
                 status = record.versions.get(number)
-                fresh = status is not None and status.loaded is not None and (
-                    not config_changed and status.loaded.signature == _file_signature(mv.model_file)
+                fresh = (
+                    status is not None
+                    and status.loaded is not None
+                    and (
+                        not config_changed
+                        and status.loaded.signature == _file_signature(mv.model_file)
+                    )
                 )
                 if fresh:
                     continue
@@ -656,9 +661,7 @@ class ModelManager:
                 if status.loaded is not None:
                     status.state = ModelState.UNLOADING
                     dropping.append(status.loaded)
-            await asyncio.gather(
-                *(self._drop(v, self.settings.drain_timeout_s) for v in dropping)
-            )
+            await asyncio.gather(*(self._drop(v, self.settings.drain_timeout_s) for v in dropping))
             record.versions.clear()
             record.error = ""
             record.signature = None

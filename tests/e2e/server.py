@@ -144,9 +144,7 @@ class RemoteServer:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        died = (
-            self.process is not None and self.process.poll() is not None and not self.terminated
-        )
+        died = self.process is not None and self.process.poll() is not None and not self.terminated
         code = self.stop()
         if died and exc_type is None:
             raise ServerDied(f"server died during the test (exit code {code}); log:\n{self.log}")
