@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import shutil
 import signal
 import time
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 Reload = Callable[[str], Awaitable[Any]]
 PROGRESS_KEYS = ("stage", "message", "fraction", "candidate", "passes_done", "passes_total")
 ALIASES = {"done": "passes_done", "total": "passes_total"}
+CANDIDATE_COUNT = re.compile(r"candidate (\d+)/(\d+)")
 
 
 class JobManager:
@@ -315,11 +317,20 @@ class JobManager:
 
     @staticmethod
     def _apply_progress(record: JobRecord, events: list[dict[str, Any]]) -> bool:
+        """Copy progress fields from the worker's events onto the record.
+
+        ``passes_done``/``passes_total`` come from the event when it has them, else from a
+        ``"candidate i/N"`` message (candidates finished / to try).
+        """
         for event in events:
             for key, value in event.items():
                 key = ALIASES.get(key, key)
                 if key in PROGRESS_KEYS:
                     setattr(record, key, value)
+            counted = CANDIDATE_COUNT.search(str(event.get("message") or ""))
+            if counted and "passes_done" not in event and "done" not in event:
+                record.passes_done = int(counted.group(1)) - 1
+                record.passes_total = int(counted.group(2))
         return bool(events)
 
     async def _publish(self, record: JobRecord, result: dict[str, Any]) -> None:
@@ -352,5 +363,7 @@ class JobManager:
         record.source_version = published.source_version
         record.report = published.report
         record.fraction = 1.0
+        if record.passes_total is not None:
+            record.passes_done = record.passes_total
         record.stage, record.message = "done", f"published as version {published.version}"
         self._finish(record, "succeeded")

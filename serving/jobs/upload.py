@@ -15,12 +15,13 @@ from typing import IO
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from serving.errors import InvalidInput, PayloadTooLarge
+from serving.errors import InvalidInput, PayloadTooLarge, SlimServeError
 from serving.fileutil import confined
 
 FILE_PARTS = ("model", "calibration")
 TEXT_PARTS = ("request",)
 MAX_TEXT_PART = 1 << 20
+DRAIN_LIMIT = 64 << 20  # bytes read and dropped after a refusal, so the client sees the 4xx
 SAFE_SUFFIX_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789.")
 
 
@@ -175,22 +176,26 @@ async def receive_upload(
     On an error the rest of the body is read and discarded (bounded), so the client gets
     the 4xx response instead of a broken connection.
     """
-    boundary = boundary_of(content_type)
-    if content_length is not None and content_length > max_bytes + 64 * 1024:
-        raise PayloadTooLarge(
-            f"upload is larger than the limit of {max_bytes} bytes (SLIMSERVE_MAX_UPLOAD_BYTES)"
-        )
+    iterator = chunks.__aiter__()
+    try:
+        boundary = boundary_of(content_type)
+        if content_length is not None and content_length > max_bytes + 64 * 1024:
+            raise PayloadTooLarge(
+                f"upload is larger than the limit of {max_bytes} bytes (SLIMSERVE_MAX_UPLOAD_BYTES)"
+            )
+    except SlimServeError:
+        await _drain(iterator, limit=DRAIN_LIMIT)
+        raise
     dest.mkdir(parents=True, exist_ok=True)
     receiver = _FormReceiver(dest, max_bytes)
     parser = MultipartParser(boundary, receiver.callbacks())
-    iterator = chunks.__aiter__()
     try:
         async for chunk in iterator:
             parser.write(chunk)
         parser.finalize()
     except Exception as exc:
         receiver.close()
-        await _drain(iterator, limit=max(max_bytes, 64 << 20))
+        await _drain(iterator, limit=DRAIN_LIMIT)
         if isinstance(exc, InvalidInput | PayloadTooLarge):
             raise
         raise InvalidInput(f"malformed multipart body: {exc}") from None

@@ -115,7 +115,7 @@ def test_success_publishes_original_then_winner(tmp_path: Path) -> None:
     record = run(h, body)
     assert record.state == "succeeded", record.error
     assert (record.published_version, record.source_version) == (2, 1)
-    assert (record.passes_done, record.passes_total) == (2, 3)
+    assert (record.passes_done, record.passes_total) == (3, 3)
     assert record.stage == "done"
     assert record.fraction == 1.0
     assert record.report["source_version"] == 1

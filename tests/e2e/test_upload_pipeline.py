@@ -1,0 +1,136 @@
+"""Upload -> optimization job (the real pipeline, in a worker process) -> new version served."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from tests.e2e.helpers import infer_input, run_direct
+from tests.e2e.server import RemoteServer
+from tests.models import basic_repository, mlp_model
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def tree_digest(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def upload(
+    server: RemoteServer, model: tuple[str, bytes], request: dict[str, Any], **files: Any
+) -> httpx.Response:
+    return httpx.post(
+        f"{server.url}/v2/optimize",
+        files={"model": model, **files},
+        data={"request": json.dumps(request)},
+        timeout=60,
+    )
+
+
+def wait_job(server: RemoteServer, url: str, timeout_s: float = 240) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = httpx.get(f"{server.url}{url}").json()
+        if job["state"] in TERMINAL:
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job did not finish in {timeout_s}s: {job}")
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def test_uploaded_model_is_optimized_and_served(
+    tmp_path: Path, start_server: Callable[..., RemoteServer]
+) -> None:
+    repo = basic_repository(tmp_path / "repository")
+    source = tmp_path / "mlp.onnx"
+    source.write_bytes(mlp_model(width=64, depth=3, features=16))
+    server = start_server(repo, env={"SLIMSERVE_JOBS_DIR": str(tmp_path / "jobs")})
+    rng = np.random.default_rng(1)
+    calibration = tmp_path / "calib.npz"
+    np.savez(calibration, x=rng.standard_normal((32, 16)).astype(np.float32))
+
+    response = upload(
+        server,
+        ("mlp.onnx", source.read_bytes()),
+        {"name": "mlp", "min_cosine": 0.99, "batch_size": 8, "time_budget_s": 180},
+        calibration=("calib.npz", calibration.read_bytes()),
+    )
+    assert response.status_code == 202, response.text
+    created = response.json()
+    assert response.headers["location"] == created["url"]
+    job = wait_job(server, created["url"])
+    assert job["state"] == "succeeded", job["error"]
+    assert job["source_version"] == 1
+    assert job["published_version"] == 2
+    assert job["report"]["source_version"] == 1
+    assert job["fraction"] == 1.0
+    assert job["passes_total"]
+    assert job["passes_done"] == job["passes_total"]
+    assert job["log_tail"], "the worker's log is visible"
+
+    report = json.loads((repo / "mlp" / "2" / "report.json").read_text())
+    assert report["source_version"] == 1
+    assert (repo / "mlp" / "1" / "model.onnx").is_file()
+    assert onnx.load(str(repo / "mlp" / "2" / "model.onnx")).graph.node
+
+    client = server.client()
+    assert client.is_model_ready("mlp")
+    assert client.get_model_metadata("mlp")["versions"] == ["2"]
+    x = rng.standard_normal((8, 16)).astype(np.float32)
+    served = client.infer("mlp", [infer_input("x", x)])
+    assert served.get_response()["model_version"] == "2"
+    expected = run_direct(source, {"x": x})["y"]
+    got = served.as_numpy("y")
+    assert got.shape == expected.shape
+    assert cosine(got, expected).min() >= 0.99
+    # the models already served were not disturbed
+    a = np.ones((1, 16), np.float32)
+    result = client.infer("add_sub", [infer_input("INPUT0", a), infer_input("INPUT1", a)])
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), 2 * a)
+
+
+def broken_onnx() -> bytes:
+    """Parses as ONNX, but its one node is an operator no runtime has."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])
+    node = helper.make_node("NoSuchOperator", ["x"], ["y"], domain="com.example.missing")
+    graph = helper.make_graph([node], "broken", [x], [y])
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example.missing", 1)],
+    )
+    return model.SerializeToString()
+
+
+def test_failing_job_leaves_the_repository_unchanged(
+    tmp_path: Path, start_server: Callable[..., RemoteServer]
+) -> None:
+    repo = basic_repository(tmp_path / "repository")
+    server = start_server(repo, env={"SLIMSERVE_JOBS_DIR": str(tmp_path / "jobs")})
+    before = tree_digest(repo)
+    for name in ("add_sub", "brand_new"):
+        response = upload(server, ("model.onnx", broken_onnx()), {"name": name})
+        assert response.status_code == 202, response.text
+        job = wait_job(server, response.json()["url"])
+        assert job["state"] == "failed"
+        assert job["error"]
+        assert job["published_version"] is None
+        assert (tmp_path / "jobs" / job["id"] / "upload" / "model.onnx").is_file()
+    assert tree_digest(repo) == before
+    client = server.client()
+    assert client.is_server_live()
+    assert client.is_model_ready("add_sub")
+    assert not client.is_model_ready("brand_new")
