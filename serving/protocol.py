@@ -510,14 +510,21 @@ def _decode_json_data(
         if kind == "b":
             raise InvalidInput(f"input '{name}': {datatype} data holds true/false values")
         raise InvalidInput(f"input '{name}': {datatype} data holds non-numeric values")
-    with np.errstate(over="ignore"):
-        result = inferred.astype(dtype, copy=False)
-    if dtype.itemsize < 8 and not np.isfinite(result).all():
-        overflow = np.isinf(result) & np.isfinite(inferred)
-        if overflow.any():
-            value = inferred[overflow].flat[0]
-            raise InvalidInput(f"input '{name}': value {value} overflows {datatype}")
+    if dtype.itemsize < 8 and (kind == "f" or dtype.itemsize == 2):
+        _check_float_range(inferred, name, datatype, float(np.finfo(dtype).max))
+    result = inferred.astype(dtype, copy=False)
     return result.reshape(shape)
+
+
+def _check_float_range(values: np.ndarray, name: str, datatype: str, limit: float) -> None:
+    """Refuse finite values beyond the float type's range (they would become inf)."""
+    peak = np.abs(values).max()
+    if peak <= limit:  # the common case; False for NaN and inf, checked below
+        return
+    finite = values[np.isfinite(values)]
+    if finite.size and np.abs(finite).max() > limit:
+        value = finite[np.abs(finite) > limit][0]
+        raise InvalidInput(f"input '{name}': value {value} overflows {datatype}")
 
 
 def _check_layout(array: np.ndarray, name: str, shape: tuple[int, ...], count: int) -> None:

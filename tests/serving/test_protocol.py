@@ -294,6 +294,10 @@ BAD_JSON = [
     (json_body({"inputs": [tensor(datatype="FP32", data=[1, "x"])]}), "non-numeric"),
     (json_body({"inputs": [tensor(datatype="FP32", data=[1e39, 1])]}), "overflows FP32"),
     (json_body({"inputs": [tensor(datatype="FP16", data=[70000, 1])]}), "overflows FP16"),
+    (
+        b'{"inputs":[{"name":"x","datatype":"FP32","shape":[2],"data":[Infinity,-1e39]}]}',
+        "value -1e+39 overflows FP32",
+    ),
     (json_body({"inputs": [tensor(datatype="BOOL", data=[1, 0])]}), "true/false"),
     (json_body({"inputs": [tensor(datatype="BYTES", data=[1, "a"])]}), "must be strings"),
     (json_body({"inputs": [tensor(shape=[2, 2], data=[[1, 2], [3]])]}), "ragged"),
