@@ -192,7 +192,10 @@ class DynamicBatcher:
         """Queue one request and wait for its outputs (only its own rows)."""
         if self._closing:
             raise ServerShuttingDown(f"model '{self.name}' is unloading; no new requests")
-        self._start()
+        if self._loop is None:
+            self._start()
+        elif asyncio.get_running_loop() is not self._loop:
+            raise RuntimeError(f"the batcher of '{self.name}' belongs to another event loop")
         level = self._level(priority)
         rows, signature = self._describe(inputs)
         if output_names is not None:
@@ -239,13 +242,9 @@ class DynamicBatcher:
             self._drained.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._drained.wait(), drain_timeout_s)
-        for queue in self._queues:
-            for pending in list(queue):
-                self._remove(pending)
-                if not pending.future.done():
-                    pending.future.set_exception(
-                        ServerShuttingDown(f"model '{self.name}' unloaded before the request ran")
-                    )
+        self._fail_queued(
+            ServerShuttingDown(f"model '{self.name}' unloaded before the request ran")
+        )
         if self._executing:
             # Batches already on an engine cannot be interrupted; give them as long again,
             # so the owner does not close an engine under a running batch.
@@ -267,8 +266,6 @@ class DynamicBatcher:
     # ---------------------------------------------------------------- submission
 
     def _start(self) -> None:
-        if self._loop is not None:
-            return
         self._loop = asyncio.get_running_loop()
         self._changed = asyncio.Event()
         self._drained = asyncio.Event()
@@ -328,6 +325,13 @@ class DynamicBatcher:
         self._queued -= 1
         self._check_drained()
 
+    def _fail_queued(self, error: Exception) -> None:
+        for queue in self._queues:
+            for pending in list(queue):
+                self._remove(pending)
+                if not pending.future.done():
+                    pending.future.set_exception(error)
+
     def _timed_out(self, pending: _Pending, policy: QueuePolicy) -> None:
         if pending.state != _QUEUED:
             return
@@ -358,9 +362,14 @@ class DynamicBatcher:
         while True:
             changed.clear()
             if self._idle and self._queued:
-                batch, wait_until = self._form_batch()
-                if batch:
-                    self._launch(batch)
+                try:
+                    batch, wait_until = self._form_batch()
+                    if batch:
+                        self._launch(batch)
+                        continue
+                except Exception as exc:  # a bug here must not leave callers waiting forever
+                    log.exception("model '%s': the batcher failed to dispatch", self.name)
+                    self._fail_queued(EngineError(f"model '{self.name}' batcher failed: {exc}"))
                     continue
                 if wait_until is not None:
                     if self._delay_timer is not None:
@@ -444,7 +453,7 @@ class DynamicBatcher:
         if isinstance(results, BaseException):
             for pending in batch:
                 if not pending.future.done():
-                    pending.future.set_exception(results)
+                    pending.future.set_exception(_copy_error(results))
         else:
             for pending, result in zip(batch, results, strict=True):
                 if not pending.future.done():
@@ -519,3 +528,13 @@ def _union_outputs(batch: list[_Pending]) -> list[str] | None:
             return None
         names.update(dict.fromkeys(pending.output_names))
     return list(names)
+
+
+def _copy_error(error: BaseException) -> BaseException:
+    """One exception object per caller, so their tracebacks do not pile up on one."""
+    if isinstance(error, SlimServeError):
+        try:
+            return type(error)(error.message)
+        except Exception:
+            return error
+    return error

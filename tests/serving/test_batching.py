@@ -486,3 +486,50 @@ def test_multi_observer_fans_out():
     MultiObserver([first, None, second]).batch_executed(3, 1, 2, 3)
     assert first.calls == second.calls == [(3, 1, 2, 3)]
     assert RequestTimings(1, 2, 3, 4, 5).batch_size == 5
+
+
+def test_per_level_queue_policy():
+    async def main():
+        engine = blocked_engine()
+        config = batching_config(max_batch_size=1, priority_levels=2, default_priority=2)
+        config.dynamic_batching.priority_queue_policy[1].max_queue_size = 1
+        batcher = DynamicBatcher([engine], config)
+        running = asyncio.ensure_future(batcher.submit({"x": rows(1, 0.0)}))
+        await until(engine.running.is_set)
+        urgent = asyncio.ensure_future(batcher.submit({"x": rows(1, 1.0)}, priority=1))
+        await until(lambda: batcher.queue_depth == 1)
+        with pytest.raises(QueueFull, match="priority level 1"):
+            await batcher.submit({"x": rows(1, 2.0)}, priority=1)
+        # level 2 keeps the default (unbounded) policy
+        others = [asyncio.ensure_future(batcher.submit({"x": rows(1, 3.0)})) for _ in range(3)]
+        await until(lambda: batcher.queue_depth == 4)
+        engine.release.set()
+        await asyncio.gather(running, urgent, *others)
+        await batcher.close()
+
+    run(main())
+
+
+def test_a_dispatch_bug_fails_requests_instead_of_hanging(monkeypatch):
+    async def main():
+        batcher = DynamicBatcher([FakeEngine()], batching_config(max_batch_size=2))
+
+        def broken():
+            raise RuntimeError("bug")
+
+        monkeypatch.setattr(batcher, "_form_batch", broken)
+        with pytest.raises(EngineError, match="batcher failed: bug"):
+            await batcher.submit({"x": rows(1, 0.0)})
+        monkeypatch.undo()
+        outputs, _ = await batcher.submit({"x": rows(1, 1.0)})
+        assert outputs["y"].shape == (1, 4)
+        await batcher.close()
+
+    run(main())
+
+
+def test_a_batcher_belongs_to_one_event_loop():
+    batcher = DynamicBatcher([FakeEngine()], batching_config(max_batch_size=2))
+    run(batcher.submit({"x": rows(1, 0.0)}))
+    with pytest.raises(RuntimeError, match="another event loop"):
+        run(batcher.submit({"x": rows(1, 0.0)}))
