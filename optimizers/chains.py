@@ -39,7 +39,15 @@ DEFAULT_CHAINS: dict[str, dict[str, list[list[Step]]]] = {
         "tensorrt": [[_FP16], [_STATIC]],
     },
     "generic": {
-        "cpu": [[_GRAPH], [_GRAPH, _DYN], [_STATIC], [_FP16], [_LOWRANK], [_LOWRANK, _DYN]],
+        "cpu": [
+            [_GRAPH],
+            [_DYN],
+            [_GRAPH, _DYN],
+            [_STATIC],
+            [_FP16],
+            [_LOWRANK],
+            [_LOWRANK, _DYN],
+        ],
         "cuda": [[_GRAPH], [_FP16], [_STATIC]],
         "tensorrt": [[_FP16], [_STATIC]],
     },
@@ -64,7 +72,7 @@ def build_chains(
     family: str, target: str, allow: tuple[str, ...] | None = None
 ) -> tuple[list[list[Step]], list[dict[str, Any]]]:
     """Candidate chains for ``family``/``target`` filtered by ``allow``; also the chains left
-    out, each with the reason (unknown pass, not allowed, does not help the target)."""
+    out or shortened, each with the reason (unknown pass, pass not allowed)."""
     passes = available_passes()
     chains = [list(c) for c in DEFAULT_CHAINS.get(family, DEFAULT_CHAINS["generic"])[target]]
     for chain in registered_chains(family):
@@ -82,9 +90,14 @@ def build_chains(
         unknown = [n for n in names if n not in passes]
         if unknown:
             skipped.append({"passes": names, "reason": f"unknown pass(es): {unknown}"})
-        elif allow is not None and any(n not in allow for n in names):
+            continue
+        if allow is not None and any(n not in allow for n in names):
             not_allowed = [n for n in names if n not in allow]
-            skipped.append({"passes": names, "reason": f"not allowed by request: {not_allowed}"})
-        elif chain not in kept:
+            chain = [step for step in chain if step[0] in allow]
+            reason = f"not allowed by request: {not_allowed}"
+            if chain:
+                reason += f"; runs as {chain_label(chain)}"
+            skipped.append({"passes": names, "reason": reason})
+        if chain and chain not in kept:
             kept.append(chain)
     return kept, skipped
