@@ -40,6 +40,7 @@ class Int8Options:
     max_mse: float | None = None  # optional bound on the output MSE relative to FP32's
     min_cosine: float | None = None  # optional bound on the mean output cosine to FP32
     percentile: float = 99.999
+    sensitivity_samples: int = 64  # held-out samples used to rank layers (speed)
     preprocess: bool = True
 
     def __post_init__(self) -> None:
@@ -66,6 +67,19 @@ class Evaluation:
         sess = timing.session(model if isinstance(model, onnx.ModelProto) else str(model))
         name = sess.get_outputs()[0].name
         return np.concatenate([sess.run([name], feed)[0] for feed in self.inputs])
+
+    def subset(self, count: int) -> Evaluation:
+        """The first ``count`` samples (whole batches), references included."""
+        inputs, reference, seen = [], [], 0
+        for i, feed in enumerate(self.inputs):
+            if seen >= count:
+                break
+            inputs.append(feed)
+            if self.reference:
+                reference.append(self.reference[i])
+            seen += len(next(iter(feed.values())))
+        labels = None if self.labels is None else self.labels[:seen]
+        return Evaluation(inputs, labels, reference)
 
     def score(self, outputs: np.ndarray) -> dict[str, float]:
         reference = np.concatenate(self.reference)
@@ -255,10 +269,11 @@ def quantize_cnn(
     report["method"] = method
     score = report["methods"][method]
     excluded: list[str] = []
-    if not passes(score, options):
+    if not passes(score, options) and options.max_excluded > 0:
         if progress is not None:
             progress("measuring per-layer sensitivity")
-        ranking = sensitivity(pre, workdir, calibration, evaluation, method, options, check)
+        probe = evaluation.subset(options.sensitivity_samples)
+        ranking = sensitivity(pre, workdir, calibration, probe, method, options, check)
         report["sensitivity"] = ranking
         for row in ranking[: options.max_excluded]:
             if check is not None:
