@@ -1,0 +1,78 @@
+"""The distillation pass's typed, frozen configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """How to build and train a student.
+
+    Student shape: ``keep_layers`` (teacher layer indices the student keeps, transformers;
+    default every ``layer_stride``-th layer starting at ``layer_offset``), ``ffn_fraction``
+    (share of FFN neurons kept, by weight importance) and ``width_fraction`` (share of CNN
+    channels / hidden neurons kept, the most important filters by L1 norm).
+
+    Training: ``temperature`` for the KL term on logits, ``lr`` with ``warmup_steps`` linear
+    warm-up then linear decay to ``max_steps`` (None: until the budget or early stopping),
+    ``eval_every`` steps between held-out evaluations, ``patience`` evaluations without
+    improvement before stopping, ``time_budget_s`` for training (also capped by the job's
+    deadline: at most ``budget_share`` of what is left of it).
+
+    Data: ``holdout_fraction`` of the examples is held out (at least ``min_holdout``) and
+    at least ``min_train`` must remain; otherwise the pass refuses.
+    """
+
+    keep_layers: tuple[int, ...] | None = None
+    layer_stride: int = 2
+    layer_offset: int = 0
+    ffn_fraction: float = 1.0
+    width_fraction: float = 0.5
+    temperature: float = 2.0
+    hidden_weight: float = 0.0
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+    batch_size: int = 32
+    max_steps: int | None = None
+    eval_every: int = 25
+    patience: int = 6
+    time_budget_s: float = 600.0
+    budget_share: float = 0.6
+    holdout_fraction: float = 0.15
+    min_holdout: int = 16
+    min_train: int = 64
+    max_seq_len: int = 128
+    allow_synthetic: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.layer_stride >= 1, "layer_stride must be >= 1"),
+            (self.layer_offset >= 0, "layer_offset must be >= 0"),
+            (0.0 < self.ffn_fraction <= 1.0, "ffn_fraction must be in (0, 1]"),
+            (0.0 < self.width_fraction <= 1.0, "width_fraction must be in (0, 1]"),
+            (self.temperature > 0, "temperature must be > 0"),
+            (self.hidden_weight >= 0, "hidden_weight must be >= 0"),
+            (self.lr > 0, "lr must be > 0"),
+            (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1"),
+            (self.eval_every >= 1, "eval_every must be >= 1"),
+            (self.patience >= 1, "patience must be >= 1"),
+            (self.time_budget_s > 0, "time_budget_s must be > 0"),
+            (0.0 < self.budget_share <= 1.0, "budget_share must be in (0, 1]"),
+            (0.0 < self.holdout_fraction < 1.0, "holdout_fraction must be in (0, 1)"),
+            (self.min_holdout >= 1, "min_holdout must be >= 1"),
+            (self.min_train >= 1, "min_train must be >= 1"),
+            (self.max_seq_len >= 2, "max_seq_len must be >= 2"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"DistillConfig: {message}")
+        if self.keep_layers is not None:
+            if not self.keep_layers or any(i < 0 for i in self.keep_layers):
+                raise ValueError("DistillConfig: keep_layers must be non-empty layer indices >= 0")
+            if list(self.keep_layers) != sorted(set(self.keep_layers)):
+                raise ValueError("DistillConfig: keep_layers must be strictly increasing")

@@ -1,0 +1,164 @@
+"""The training loop shared by every student: AdamW with warm-up, early stopping on held-out
+fidelity, a time budget, progress events and cancellation."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+
+class DistillTask(Protocol):
+    """One teacher/student pair with cached teacher outputs."""
+
+    student: torch.nn.Module
+
+    def epoch(self, rng: np.random.Generator) -> Iterator[np.ndarray]:
+        """Batches of training-example indices for one pass over the training split."""
+        ...
+
+    def loss(self, batch: np.ndarray) -> torch.Tensor:
+        """The distillation loss of the student on these training examples."""
+        ...
+
+    def evaluate(self) -> float:
+        """Held-out fidelity of the student to the teacher (higher is better)."""
+        ...
+
+
+@dataclass
+class TrainingLog:
+    """What happened during training, for the report."""
+
+    losses: list[float] = field(default_factory=list)
+    curve: list[tuple[int, float]] = field(default_factory=list)
+    initial_fidelity: float = float("nan")
+    best_fidelity: float = float("nan")
+    best_step: int = 0
+    steps: int = 0
+    stop_reason: str = ""
+    seconds: float = 0.0
+
+    def loss_window(self, first: bool, size: int = 10) -> float:
+        """Mean loss over the first (or last) ``size`` steps."""
+        window = self.losses[:size] if first else self.losses[-size:]
+        return float(np.mean(window)) if window else float("nan")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "stop_reason": self.stop_reason,
+            "training_seconds": round(self.seconds, 2),
+            "initial_fidelity": self.initial_fidelity,
+            "best_fidelity": self.best_fidelity,
+            "best_step": self.best_step,
+            "first_loss": self.loss_window(first=True),
+            "last_loss": self.loss_window(first=False),
+            "fidelity_curve": [[step, fidelity] for step, fidelity in self.curve],
+        }
+
+
+def lr_factor(step: int, warmup: int, progress: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then linear decay to 10% as ``progress`` -> 1."""
+    warm = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+    return warm * max(0.1, 1.0 - 0.9 * min(1.0, progress))
+
+
+def train(
+    task: DistillTask,
+    *,
+    lr: float,
+    weight_decay: float,
+    warmup_steps: int,
+    eval_every: int,
+    patience: int,
+    budget_s: float,
+    max_steps: int | None = None,
+    seed: int = 0,
+    check_cancelled: Callable[[], None] = lambda: None,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainingLog:
+    """Train ``task.student`` until ``max_steps``, the time budget, or early stopping.
+
+    Evaluates before the first step (the untrained student) and every ``eval_every`` steps;
+    the student ends with the weights of its best held-out evaluation. ``check_cancelled``
+    is called every step and may raise (``Cancelled``) to abort.
+    """
+    log = TrainingLog()
+    start = time.monotonic()
+    student = task.student
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+
+    def evaluate(step: int) -> float:
+        student.eval()
+        with torch.no_grad():
+            fidelity = float(task.evaluate())
+        log.curve.append((step, fidelity))
+        return fidelity
+
+    log.initial_fidelity = log.best_fidelity = evaluate(0)
+    best_state = copy.deepcopy(student.state_dict())
+    evals_since_best = 0
+    step = 0
+    while not log.stop_reason:
+        log.stop_reason = "no_training_batches"  # replaced as soon as an epoch yields a batch
+        for batch in task.epoch(rng):
+            log.stop_reason = ""
+            check_cancelled()
+            elapsed = time.monotonic() - start
+            done = max(elapsed / budget_s, step / max_steps if max_steps else 0.0)
+            if done >= 1.0:
+                log.stop_reason = "max_steps" if max_steps and step >= max_steps else "time_budget"
+                break
+            for group in optimizer.param_groups:
+                group["lr"] = lr * lr_factor(step, warmup_steps, done)
+            student.train()
+            loss = task.loss(batch)
+            if not math.isfinite(loss.item()):
+                log.stop_reason = "loss_not_finite"
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            step += 1
+            log.losses.append(loss.item())
+            if step % eval_every == 0:
+                fidelity = evaluate(step)
+                if fidelity > log.best_fidelity:
+                    log.best_fidelity, log.best_step = fidelity, step
+                    best_state = copy.deepcopy(student.state_dict())
+                    evals_since_best = 0
+                else:
+                    evals_since_best += 1
+                if progress is not None:
+                    progress(
+                        {
+                            "step": step,
+                            "loss": log.loss_window(first=False),
+                            "fidelity": fidelity,
+                            "fraction": min(1.0, done),
+                        }
+                    )
+                if evals_since_best >= patience:
+                    log.stop_reason = "early_stopping"
+                    break
+    if log.curve[-1][0] != step:
+        fidelity = evaluate(step)
+        if fidelity > log.best_fidelity:
+            log.best_fidelity, log.best_step = fidelity, step
+            best_state = copy.deepcopy(student.state_dict())
+    student.load_state_dict(best_state)
+    student.eval()
+    log.steps = step
+    log.seconds = time.monotonic() - start
+    return log

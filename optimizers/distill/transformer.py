@@ -1,0 +1,250 @@
+"""Transformer-encoder students: keep every k-th teacher layer (DistilBERT-style) and optionally
+the most important FFN neurons; train on mean-pooled embeddings (cosine + MSE) plus an optional
+token-level hidden-state term, against teacher outputs computed once."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from optimizers.distill.data import Split
+
+
+def encoder_layers(model: nn.Module) -> tuple[nn.Module, str]:
+    """The module holding the encoder's layer list, and that list's attribute name.
+
+    Supports BERT-style (``encoder.layer``) and DistilBERT-style (``transformer.layer``) models.
+    """
+    for owner_name in ("encoder", "transformer"):
+        owner = getattr(model, owner_name, None)
+        if owner is None:
+            base = getattr(model, "base_model", None)
+            owner = getattr(base, owner_name, None) if base is not model else None
+        for attr in ("layer", "layers"):
+            if isinstance(getattr(owner, attr, None), nn.ModuleList):
+                return owner, attr
+    raise ValueError(f"{type(model).__name__} has no encoder layer list (encoder.layer)")
+
+
+def default_keep_layers(n_layers: int, stride: int, offset: int) -> tuple[int, ...]:
+    """Every ``stride``-th layer starting at ``offset`` (DistilBERT keeps 0, 2, 4, ...)."""
+    keep = tuple(range(min(offset, n_layers - 1), n_layers, stride))
+    return keep or (n_layers - 1,)
+
+
+def _set_layer_count(config: Any, n: int) -> None:
+    for key in ("num_hidden_layers", "n_layers"):
+        if hasattr(config, key):
+            setattr(config, key, n)
+
+
+def _shrink_ffn(layer: nn.Module, fraction: float) -> int | None:
+    """Keep one BERT layer's FFN neurons with the largest weight norms; returns the width."""
+    inter = getattr(getattr(layer, "intermediate", None), "dense", None)
+    out = getattr(getattr(layer, "output", None), "dense", None)
+    if not isinstance(inter, nn.Linear) or not isinstance(out, nn.Linear):
+        return None
+    width = inter.out_features
+    keep = max(1, round(width * fraction))
+    importance = inter.weight.detach().abs().sum(1) * out.weight.detach().abs().sum(0)
+    index = importance.topk(keep).indices.sort().values
+    new_inter = nn.Linear(inter.in_features, keep, bias=inter.bias is not None)
+    new_out = nn.Linear(keep, out.out_features, bias=out.bias is not None)
+    with torch.no_grad():
+        new_inter.weight.copy_(inter.weight[index])
+        if inter.bias is not None:
+            new_inter.bias.copy_(inter.bias[index])
+        new_out.weight.copy_(out.weight[:, index])
+        if out.bias is not None:
+            new_out.bias.copy_(out.bias)
+    layer.intermediate.dense = new_inter
+    layer.output.dense = new_out
+    return keep
+
+
+def build_layer_student(
+    teacher: nn.Module, keep_layers: Sequence[int], ffn_fraction: float = 1.0
+) -> nn.Module:
+    """A copy of ``teacher`` with only ``keep_layers`` of its encoder layers (weights copied),
+    optionally with each layer's FFN cut to ``ffn_fraction`` of its neurons."""
+    owner, attr = encoder_layers(teacher)
+    n_layers = len(getattr(owner, attr))
+    if any(i >= n_layers for i in keep_layers):
+        raise ValueError(f"keep_layers {list(keep_layers)} out of range: teacher has {n_layers}")
+    student = copy.deepcopy(teacher)
+    s_owner, s_attr = encoder_layers(student)
+    layers = getattr(s_owner, s_attr)
+    setattr(s_owner, s_attr, nn.ModuleList([layers[i] for i in keep_layers]))
+    config = getattr(student, "config", None)
+    if config is not None:
+        _set_layer_count(config, len(keep_layers))
+    if ffn_fraction < 1.0:
+        widths = {_shrink_ffn(layer, ffn_fraction) for layer in getattr(s_owner, s_attr)}
+        if config is not None and widths and None not in widths:
+            config.intermediate_size = widths.pop()
+    student.eval()
+    return student
+
+
+def freeze_embeddings(model: nn.Module) -> int:
+    """Stop training the token/position embedding tables (most of a small encoder's parameters,
+    and the student already shares them with the teacher); returns the number frozen."""
+    frozen = 0
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            module.weight.requires_grad_(False)
+            frozen += module.weight.numel()
+    return frozen
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def encoder_flops(config: Any, seq_len: int) -> int:
+    """Multiply-add FLOPs (2 per MAC) of one sequence through the encoder layers."""
+    hidden = config.hidden_size
+    ffn = config.intermediate_size
+    layers = config.num_hidden_layers
+    per_token = 4 * hidden * hidden + 2 * hidden * ffn + 2 * seq_len * hidden
+    return 2 * layers * seq_len * per_token
+
+
+def last_hidden(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The encoder's last hidden state ``[batch, seq, hidden]``."""
+    out = model(input_ids=ids, attention_mask=mask)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the token vectors over the attention mask (sentence-transformers pooling)."""
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+
+
+def pad(sequences: Sequence[np.ndarray], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id sequences into ``input_ids`` and ``attention_mask`` tensors."""
+    length = max(len(s) for s in sequences)
+    ids = np.full((len(sequences), length), pad_id, dtype=np.int64)
+    mask = np.zeros((len(sequences), length), dtype=np.int64)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = seq
+        mask[row, : len(seq)] = 1
+    return torch.from_numpy(ids), torch.from_numpy(mask)
+
+
+def tokenize(texts: Sequence[str], tokenizer: Any, max_len: int) -> list[np.ndarray]:
+    """Token ids of each text, truncated to ``max_len`` (special tokens included)."""
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_len)["input_ids"]
+    return [np.asarray(ids, dtype=np.int64) for ids in encoded]
+
+
+def sequences_from_arrays(inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Per-example token ids from padded ``input_ids`` (+ ``attention_mask``) arrays."""
+    ids = np.asarray(inputs["input_ids"], dtype=np.int64)
+    mask = np.asarray(inputs.get("attention_mask", np.ones_like(ids)), dtype=bool)
+    return [row[m] for row, m in zip(ids, mask, strict=True)]
+
+
+class EmbeddingDistillTask:
+    """Distil an encoder's mean-pooled sentence embeddings (and optionally its tokens)."""
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        student: nn.Module,
+        sequences: list[np.ndarray],
+        split: Split,
+        *,
+        batch_size: int = 32,
+        hidden_weight: float = 0.0,
+        dropout: bool = False,
+        pad_id: int = 0,
+    ) -> None:
+        self.student = student
+        self.sequences = sequences
+        self.split = split
+        self.batch_size = batch_size
+        self.hidden_weight = hidden_weight
+        self.dropout = dropout
+        self.pad_id = pad_id
+        self.teacher_pooled, self.teacher_tokens = self._cache_teacher(teacher)
+        train_pooled = self.teacher_pooled[split.train]
+        self.pooled_scale = float(train_pooled.pow(2).mean())
+
+    def _cache_teacher(self, teacher: nn.Module) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Teacher outputs for every example, computed once (length-sorted batches)."""
+        order = np.argsort([len(s) for s in self.sequences])
+        pooled = torch.zeros(len(self.sequences), 0)
+        tokens: list[torch.Tensor | None] = [None] * len(self.sequences)
+        teacher.eval()
+        with torch.no_grad():
+            for start in range(0, len(order), 64):
+                chunk = order[start : start + 64]
+                ids, mask = pad([self.sequences[i] for i in chunk], self.pad_id)
+                hidden = last_hidden(teacher, ids, mask)
+                vectors = mean_pool(hidden, mask)
+                if pooled.shape[1] == 0:
+                    pooled = torch.zeros(len(self.sequences), vectors.shape[1])
+                pooled[torch.from_numpy(chunk)] = vectors
+                if self.hidden_weight > 0:
+                    for row, i in enumerate(chunk):
+                        tokens[i] = hidden[row, : len(self.sequences[i])].to(torch.float16)
+        return pooled, (tokens if self.hidden_weight > 0 else None)  # type: ignore[return-value]
+
+    def epoch(self, rng: np.random.Generator) -> Iterator[np.ndarray]:
+        """Shuffled batches, each drawn from a length-sorted pool so little padding is computed."""
+        order = rng.permutation(self.split.train)
+        pool = self.batch_size * 16
+        batches = []
+        for start in range(0, len(order), pool):
+            chunk = sorted(order[start : start + pool], key=lambda i: len(self.sequences[i]))
+            batches += [
+                np.asarray(chunk[b : b + self.batch_size])
+                for b in range(0, len(chunk), self.batch_size)
+            ]
+        for index in rng.permutation(len(batches)):
+            yield batches[index]
+
+    def _student_hidden(self, batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = pad([self.sequences[i] for i in batch], self.pad_id)
+        return last_hidden(self.student, ids, mask), mask
+
+    def loss(self, batch: np.ndarray) -> torch.Tensor:
+        self.student.train(self.dropout)
+        hidden, mask = self._student_hidden(batch)
+        pooled = mean_pool(hidden, mask)
+        target = self.teacher_pooled[torch.from_numpy(batch)]
+        cosine = nn.functional.cosine_similarity(pooled, target, dim=-1)
+        loss = (1 - cosine).mean() + nn.functional.mse_loss(pooled, target) / self.pooled_scale
+        if self.hidden_weight > 0 and self.teacher_tokens is not None:
+            target_tokens = torch.zeros_like(hidden)
+            for row, i in enumerate(batch):
+                target_tokens[row, : len(self.sequences[i])] = self.teacher_tokens[i].float()
+            token_cos = nn.functional.cosine_similarity(hidden, target_tokens, dim=-1)
+            m = mask.to(hidden.dtype)
+            loss = loss + self.hidden_weight * ((1 - token_cos) * m).sum() / m.sum()
+        return loss
+
+    def held_out_cosines(self) -> np.ndarray:
+        """Cosine of student vs. teacher pooled embeddings for every held-out example."""
+        self.student.eval()
+        holdout = self.split.holdout
+        result = np.zeros(len(holdout))
+        with torch.no_grad():
+            order = np.argsort([len(self.sequences[i]) for i in holdout])
+            for start in range(0, len(order), 64):
+                rows = order[start : start + 64]
+                hidden, mask = self._student_hidden(holdout[rows])
+                target = self.teacher_pooled[torch.from_numpy(holdout[rows])]
+                cos = nn.functional.cosine_similarity(mean_pool(hidden, mask), target, dim=-1)
+                result[rows] = cos.numpy()
+        return result
+
+    def evaluate(self) -> float:
+        return float(self.held_out_cosines().mean())
