@@ -13,12 +13,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
+import optimizers.distill.passes  # noqa: F401  (registers the distill pass)
 from optimizers.distill.cnn import count_parameters, graph_flops, narrow
 from optimizers.distill.onnx_module import OnnxModule
 from optimizers.passes.base import Artifact, Cancelled, PassContext, PassNotApplicable
 from optimizers.registry import get_pass
-
-import optimizers.distill.passes  # noqa: F401  (registers the distill pass)
 
 
 def _run(path: Path | onnx.ModelProto, x: np.ndarray) -> np.ndarray:
@@ -73,7 +72,8 @@ def test_pass_trains_a_smaller_student_that_agrees(digits_onnx, digits_split, tm
     result = distill.run(teacher, ctx)
     report = result.report
     student_path = result.artifact.onnx_path
-    assert result.modified and result.artifact.meta["distilled"]
+    assert result.modified
+    assert result.artifact.meta["distilled"]
     assert report["student"]["parameters"] < 0.3 * report["teacher"]["parameters"]
     assert report["student"]["flops"] < 0.3 * report["teacher"]["flops"]
     training = report["training"]
@@ -81,7 +81,8 @@ def test_pass_trains_a_smaller_student_that_agrees(digits_onnx, digits_split, tm
     assert training["best_fidelity"] > training["initial_fidelity"] + 0.05
     assert training["best_fidelity"] >= 0.9
     assert Path(report["plot"]).stat().st_size > 1000
-    assert report["speed"]["teacher_ms"] > 0 and report["speed"]["student_ms"] > 0
+    assert report["speed"]["teacher_ms"] > 0
+    assert report["speed"]["student_ms"] > 0
     assert any("held-out top-1 agreement" in message for message, _ in events)
     teacher_acc = (_run(digits_onnx, x_test).argmax(1) == y_test).mean()
     student_acc = (_run(student_path, x_test).argmax(1) == y_test).mean()
