@@ -367,7 +367,7 @@ def _decode_input(
     if not isinstance(name, str) or not name:
         raise InvalidInput("every input needs a non-empty string 'name'")
     datatype = raw.get("datatype")
-    if datatype not in V2_TO_NUMPY:
+    if not isinstance(datatype, str) or datatype not in V2_TO_NUMPY:
         raise InvalidInput(
             f"input '{name}': unknown datatype {datatype!r}; expected one of {_KNOWN}"
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import struct
@@ -11,6 +12,8 @@ import numpy as np
 import orjson
 import pytest
 import tritonclient.http as th
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from serving.backends.base import TensorSpec
 from serving.errors import InvalidInput, PayloadTooLarge
@@ -615,3 +618,59 @@ def test_models_without_batching_match_the_full_shape():
     assert check_inputs(make_request(x_tensor(rows=2)), specs, 0)["x"].shape == (2, 3)
     with pytest.raises(InvalidInput, match="expects \\[2, 3\\]"):
         check_inputs(make_request(x_tensor(rows=3)), specs, 0)
+
+
+# ---------------------------------------------------------------------------- fuzzing
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=6)
+    | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=6,
+)
+TENSORS = st.fixed_dictionaries(
+    {
+        "name": st.sampled_from(["x", "y", ""]) | JSON_VALUES,
+        "datatype": st.sampled_from(ALL_TYPES) | JSON_VALUES,
+        "shape": st.lists(st.integers(-2, 4), max_size=3) | JSON_VALUES,
+    },
+    optional={
+        "data": st.lists(JSON_VALUES, max_size=8) | JSON_VALUES,
+        "parameters": st.fixed_dictionaries(
+            {"binary_data_size": st.integers(-4, 40) | JSON_VALUES}
+        ),
+    },
+)
+REQUESTS = st.fixed_dictionaries(
+    {"inputs": st.lists(TENSORS, max_size=3) | JSON_VALUES},
+    optional={
+        "id": JSON_VALUES,
+        "outputs": st.lists(st.fixed_dictionaries({"name": JSON_VALUES}), max_size=2) | JSON_VALUES,
+        "parameters": st.dictionaries(
+            st.sampled_from(["priority", "timeout", "binary_data_output"]), JSON_VALUES
+        ),
+    },
+)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(doc=REQUESTS, tail=st.binary(max_size=48), split=st.booleans())
+def test_any_body_decodes_or_raises_a_client_error(doc, tail, split):
+    header = json.dumps(doc).encode()
+    body = header + tail if split else header
+    try:
+        request = decode(body, len(header) if split else None)
+    except (InvalidInput, PayloadTooLarge) as exc:
+        message = str(exc)
+        assert message  # every refusal says why
+        return
+    for tensor in request.inputs:  # what decodes is consistent
+        assert tensor.data.shape == tensor.shape
+        assert tensor.data.size == int(np.prod(tensor.shape))
+
+
+@settings(max_examples=100, deadline=None)
+@given(body=st.binary(max_size=200), header_length=st.none() | st.integers(-5, 250))
+def test_random_bytes_never_crash_the_decoder(body, header_length):
+    with contextlib.suppress(InvalidInput, PayloadTooLarge):
+        decode(body, header_length)
