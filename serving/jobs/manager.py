@@ -4,8 +4,9 @@ At most ``max_concurrent`` workers run at once; up to ``max_queued`` more wait (
 an upload is refused with 503). Each running job is watched from the event loop: progress
 is read from the worker's event file, the time budget is enforced by killing the worker
 (budget plus a margin), and ``cancel`` stops it (SIGTERM, then SIGKILL). A finished job is
-published into the repository and the model reloaded; on any failure the repository is left
-as it was and the record says why. Records survive a restart; a job that was running when
+published into the repository and the model reloaded (then its upload and scratch files are
+removed); on any failure the repository is left as it was, the upload is kept, and the record
+says why. Records survive a restart; a job that was running when
 the server died is marked failed.
 """
 
@@ -226,6 +227,7 @@ class JobManager:
         calibration = record.source.get("calibration")
         return {
             "source": str(job_dir / record.source["path"]),
+            "kind": record.source.get("kind"),
             "request": record.request,
             "calibration": str(job_dir / calibration) if calibration else None,
             "entrypoint": self.entrypoint,
@@ -367,3 +369,6 @@ class JobManager:
             record.passes_done = record.passes_total
         record.stage, record.message = "done", f"published as version {published.version}"
         self._finish(record, "succeeded")
+        job_dir = self.store.job_dir(record.id)
+        for folder in ("work", "upload"):  # published now; kept only when a job fails
+            await asyncio.to_thread(shutil.rmtree, job_dir / folder, True)

@@ -7,7 +7,6 @@ unpacks archives safely, refuses pickles, and checks the optional calibration fi
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 
 from serving.archive import (
@@ -20,6 +19,7 @@ from serving.archive import (
     inspect_model_folder,
 )
 from serving.errors import InvalidInput
+from serving.jobs.pickles import check_pt2
 from serving.jobs.upload import SavedFile, upload_suffix
 
 ARCHIVES = (".zip", ".tar.gz", ".tgz", ".tar")
@@ -42,32 +42,20 @@ def prepare_model(saved: SavedFile, upload_dir: Path, limits: ArchiveLimits) -> 
     if suffix == ".pt2":
         if archive_kind(saved.path) != "zip":
             raise InvalidInput(f"'{saved.filename}' is not a torch.export archive (.pt2 is a zip)")
-        _refuse_pickled_pt2(saved)
+        check_pt2(saved.path)
         return ModelSource("pt2", saved.path)
     if suffix in ARCHIVES:
         folder = extract_archive(saved.path, upload_dir / "extracted", limits=limits)
-        return inspect_model_folder(folder)
+        source = inspect_model_folder(folder)
+        if source.kind == "pt2":
+            check_pt2(source.path)
+        return source
     if suffix in PICKLE_SUFFIXES:
         raise InvalidInput(
             f"'{saved.filename}' is a pickle checkpoint, which can run code when loaded, so it "
             f"is refused; upload {ACCEPTED} (Hugging Face weights as model.safetensors)"
         )
     raise InvalidInput(f"cannot tell what '{saved.filename}' is; upload {ACCEPTED}")
-
-
-def _refuse_pickled_pt2(saved: SavedFile) -> None:
-    """torch.export archives keep weights as raw tensors; a .pt2 carrying pickles is refused."""
-    try:
-        with zipfile.ZipFile(saved.path) as archive:
-            names = archive.namelist()
-    except zipfile.BadZipFile as exc:
-        raise InvalidInput(f"'{saved.filename}' is a corrupt .pt2 archive: {exc}") from None
-    pickled = [n for n in names if n.lower().endswith((".pkl", ".pickle"))]
-    if pickled:
-        raise InvalidInput(
-            f"'{saved.filename}' holds pickled data ({pickled[0]}), which can run code when "
-            "loaded; save it with torch.export.save from torch >= 2.6"
-        )
 
 
 def check_calibration(saved: SavedFile) -> Path:

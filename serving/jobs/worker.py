@@ -80,6 +80,24 @@ class ProgressWriter:
         self._handle.close()
 
 
+def harden_torch_load() -> None:
+    """Make every ``torch.load`` in this process weights-only.
+
+    ``torch.export.load`` retries some loads with ``weights_only=False``; the server has
+    already refused ``.pt2`` files whose pickles name unsafe globals, and this keeps a pickle
+    that slipped past that check from running code here.
+    """
+    import torch
+
+    original = torch.load
+
+    def weights_only_load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    torch.load = weights_only_load
+
+
 def _watch_parent(parent: int) -> None:
     """Exit when the server that started us is gone (its job is failed on restart)."""
     while True:
@@ -107,6 +125,8 @@ def run(job_dir: Path) -> int:
         from optimizers.api import OptimizationRequest
 
         request = OptimizationRequest.from_dict(spec["request"])
+        if spec.get("kind") == "pt2":
+            harden_torch_load()
         entrypoint = resolve_entrypoint(spec.get("entrypoint") or DEFAULT_ENTRYPOINT)
         workdir = Path(spec["workdir"])
         workdir.mkdir(parents=True, exist_ok=True)

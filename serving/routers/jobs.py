@@ -15,6 +15,7 @@ from fastapi import APIRouter, Depends, Request, Response, status
 from serving.errors import ServerShuttingDown
 from serving.jobs import JobManager
 from serving.jobs.records import JobRecord
+from serving.jobs.request import OptimizeRequestBody
 
 router = APIRouter(prefix="/v2/optimize", tags=["optimize"])
 
@@ -35,10 +36,8 @@ UPLOAD_DOC = {
                             "external data",
                         },
                         "request": {
-                            "type": "string",
-                            "description": 'JSON, e.g. {"name": "my_model", "target": "cpu", '
-                            '"batch_size": 8, "seq_len": 128, "min_cosine": 0.99, '
-                            '"max_accuracy_drop": null, "time_budget_s": 600, "allow": null}',
+                            **OptimizeRequestBody.model_json_schema(),
+                            "description": "the optimization request, a JSON object",
                         },
                         "calibration": {
                             "type": "string",
@@ -46,7 +45,8 @@ UPLOAD_DOC = {
                             "description": ".npz of input arrays, or text, one example a line",
                         },
                     },
-                }
+                },
+                "encoding": {"request": {"contentType": "application/json"}},
             }
         },
     }

@@ -140,11 +140,17 @@ def test_success_publishes_original_then_winner(tmp_path: Path) -> None:
     np.testing.assert_allclose(
         infer(model_dir / "2" / "model.onnx", x), 2 * ENGINE_SCALE * x, rtol=1e-6
     )
-    # the record survives on disk, the upload is kept
+    # the record survives on disk; the upload and scratch files are gone once published
     on_disk = json.loads((h.jobs_dir / record.id / "job.json").read_text())
     assert on_disk["state"] == "succeeded"
     assert on_disk["published_version"] == 2
-    assert (h.jobs_dir / record.id / "upload" / "model.onnx").read_bytes() == original
+    assert sorted(p.name for p in (h.jobs_dir / record.id).iterdir()) == [
+        "job.json",
+        "progress.jsonl",
+        "result.json",
+        "spec.json",
+        "worker.log",
+    ]
 
 
 def test_existing_model_with_the_same_bytes_gets_only_the_winner(tmp_path: Path) -> None:
