@@ -195,13 +195,15 @@ class ServerMetrics:
         self.compute_infer_duration.labels(*key).observe(timings.compute_infer_ns / 1e9)
 
     def request_failed(self, model: str, version: str, *, reason: str, request_ns: int) -> None:
-        """Count one failed request; ``reason`` becomes the ``reason`` label."""
+        """Count one failed request; ``reason`` becomes the ``reason`` label.
+
+        As in Triton, durations and histograms cover successful requests only;
+        ``request_ns`` is accepted for symmetry (the statistics extension records it).
+        """
         key = (model, str(version))
         with self._lock:
             self._failures[(*key, reason)] = self._failures.get((*key, reason), 0) + 1
-            values = self._counters.setdefault(key, {})
-            name = "nv_inference_request_duration_us"
-            values[name] = values.get(name, 0) + int(request_ns)
+            self._counters.setdefault(key, {})
 
     def track_pending(self, model: str, version: str, fn: Callable[[], int]) -> None:
         """Report ``fn()`` as the version's pending-request gauge at every scrape."""

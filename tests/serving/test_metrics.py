@@ -130,7 +130,7 @@ def test_failures_are_counted_by_reason():
         text, 'nv_inference_request_failure{model="fake",reason="invalid_input",version="1"}'
     ) == 1
     assert line_value(text, 'nv_inference_request_success{model="fake",version="1"}') == 0
-    assert line_value(text, 'nv_inference_request_duration_us{model="fake",version="1"}') >= 1
+    assert line_value(text, 'nv_inference_request_duration_us{model="fake",version="1"}') == 0
     histogram = ("slimserve_request_duration_seconds_count", (("model", "fake"), ("version", "1")))
     assert histogram not in samples  # histograms observe successes only
 
