@@ -54,6 +54,15 @@ DEFAULT_CHAINS: dict[str, dict[str, list[list[Step]]]] = {
 }
 
 
+# Passes that run only when the request's ``allow`` names them (costly: training a student).
+# A pass can also opt in with a class attribute ``opt_in = True``.
+OPT_IN_PASSES = frozenset({"distill"})
+
+
+def is_opt_in(name: str, passes: dict[str, Any]) -> bool:
+    return name in OPT_IN_PASSES or bool(getattr(passes.get(name), "opt_in", False))
+
+
 def chain_label(chain: list[Step]) -> str:
     """``a -> b(k=v)`` for reports and progress."""
     if not chain:
@@ -90,6 +99,12 @@ def build_chains(
         unknown = [n for n in names if n not in passes]
         if unknown:
             skipped.append({"passes": names, "reason": f"unknown pass(es): {unknown}"})
+            continue
+        opt_in = [n for n in names if is_opt_in(n, passes) and (allow is None or n not in allow)]
+        if opt_in:
+            skipped.append(
+                {"passes": names, "reason": f"opt-in pass(es) {opt_in} not named in allow"}
+            )
             continue
         if allow is not None and any(n not in allow for n in names):
             not_allowed = [n for n in names if n not in allow]

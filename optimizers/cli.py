@@ -105,6 +105,7 @@ def publish(result: OptimizationResult, repository: Path, name: str) -> int:
     from serving.model_config import autocomplete_from_onnx
     from serving.repository import ModelRepository
 
+    repository.mkdir(parents=True, exist_ok=True)
     repo = ModelRepository(repository)
     config = None
     if not (repo.model_dir(name) / "config.pbtxt").is_file():

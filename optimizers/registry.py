@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from dataclasses import fields, is_dataclass
+from pathlib import Path
 from typing import Any
 
 from optimizers.passes.base import Pass
@@ -23,8 +24,22 @@ _LOADED = False
 LOAD_ERRORS: dict[str, str] = {}
 """Optional technique packages that failed to import: package -> error (reported, not fatal)."""
 
-# Packages whose modules register passes on import (optional ones may not exist yet).
+# Packages whose modules register passes on import (optional ones may not exist yet); any
+# other ``optimizers.<technique>.passes`` package is discovered too.
 PASS_PACKAGES = ("optimizers.passes", "optimizers.transformer.passes", "optimizers.cnn.passes")
+
+
+def _pass_packages() -> list[str]:
+    import optimizers
+
+    names = list(PASS_PACKAGES)
+    for info in pkgutil.iter_modules(optimizers.__path__, "optimizers."):
+        candidate = f"{info.name}.passes"
+        if info.ispkg and candidate not in names:
+            folder = Path(optimizers.__path__[0]) / info.name.rsplit(".", 1)[-1]
+            if (folder / "passes").is_dir() or (folder / "passes.py").is_file():
+                names.append(candidate)
+    return names
 
 
 def register_pass(cls: type[Pass]) -> type[Pass]:
@@ -97,11 +112,11 @@ def _load_pass_modules() -> None:
     if _LOADED:
         return
     _LOADED = True
-    for package_name in PASS_PACKAGES:
+    for package_name in _pass_packages():
         optional = package_name != "optimizers.passes"
         try:
             package = importlib.import_module(package_name)
-            for info in pkgutil.iter_modules(package.__path__, package_name + "."):
+            for info in pkgutil.iter_modules(getattr(package, "__path__", []), package_name + "."):
                 if info.name.rsplit(".", 1)[-1] != "base":
                     importlib.import_module(info.name)
         except ModuleNotFoundError as exc:
