@@ -674,3 +674,30 @@ def test_any_body_decodes_or_raises_a_client_error(doc, tail, split):
 def test_random_bytes_never_crash_the_decoder(body, header_length):
     with contextlib.suppress(InvalidInput, PayloadTooLarge):
         decode(body, header_length)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    datatype=st.sampled_from(ALL_TYPES),
+    shape=st.lists(st.integers(0, 3), min_size=1, max_size=3),
+    cut=st.integers(0, 400),
+    shift=st.integers(-3, 3),
+    flip=st.integers(0, 400),
+)
+def test_corrupted_binary_bodies_decode_or_raise_a_client_error(datatype, shape, cut, shift, flip):
+    array = sample(datatype, tuple(shape)) if np.prod(shape) else np.zeros(shape, np.float32)
+    if not np.prod(shape):
+        datatype = "FP32"
+    tensors = {"a": (datatype, array), "b": ("INT8", sample("INT8", (2,)))}
+    body, header_length = client_request(tensors, True)
+    mutated = bytearray(body[: max(cut, header_length)])
+    if flip < len(mutated):
+        mutated[flip] ^= 0xFF
+    try:
+        request = decode(bytes(mutated), header_length + shift)
+    except (InvalidInput, PayloadTooLarge) as exc:
+        message = str(exc)
+        assert message
+        return
+    for tensor in request.inputs:
+        assert tensor.data.shape == tensor.shape
