@@ -261,7 +261,10 @@ def decode_infer_request(
     offset = 0
     total_elements = 0
     for raw in raw_inputs:
-        tensor, offset = _decode_input(raw, binary, offset, header_length is not None, limits)
+        try:
+            tensor, offset = _decode_input(raw, binary, offset, header_length is not None, limits)
+        except RecursionError:
+            raise InvalidInput("an input's 'data' is nested too deeply") from None
         if tensor.name in seen:
             raise InvalidInput(f"input '{tensor.name}' appears more than once")
         seen.add(tensor.name)
@@ -292,7 +295,7 @@ def _parse_json(data: bytes | memoryview) -> Any:
         try:
             text = bytes(data).decode("utf-8")
             return json.loads(text)
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):
             raise InvalidInput(f"request header is not valid JSON: {first}") from None
 
 
@@ -509,7 +512,9 @@ def _decode_json_data(
     if kind not in ("f", "i", "u"):
         if kind == "b":
             raise InvalidInput(f"input '{name}': {datatype} data holds true/false values")
-        raise InvalidInput(f"input '{name}': {datatype} data holds non-numeric values")
+        raise InvalidInput(
+            f"input '{name}': {datatype} data holds non-numeric (or out of range) values"
+        )
     if dtype.itemsize < 8 and (kind == "f" or dtype.itemsize == 2):
         _check_float_range(inferred, name, datatype, float(np.finfo(dtype).max))
     result = inferred.astype(dtype, copy=False)

@@ -341,6 +341,20 @@ BAD_JSON = [
 ]  # fmt: skip
 
 
+DEEP = b"[" * 900 + b"]" * 900
+BAD_JSON += [
+    (b'{"inputs":' + b"[" * 5000 + b"]" * 5000 + b', "z": NaN}', "not valid JSON"),
+    (
+        b'{"inputs":[{"name":"x","datatype":"BYTES","shape":[0],"data":' + DEEP + b"}]}",
+        "nested too deeply",
+    ),
+    (
+        b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1],"data":[' + b"9" * 400 + b"]}]}",
+        "out of range",
+    ),
+]
+
+
 @pytest.mark.parametrize(("body", "message"), BAD_JSON)
 def test_malformed_json_requests_are_rejected_with_a_reason(body, message):
     with pytest.raises(InvalidInput) as info:
