@@ -70,6 +70,7 @@ def serve(
         access_log=settings.access_log,
         timeout_graceful_shutdown=max(int(settings.drain_timeout_s), 1),
         lifespan="on",
+        proxy_headers=False,  # nothing here reads client addresses; saves CPU per request
     )
     uvicorn.Server(config).run()
 
