@@ -1,4 +1,4 @@
-"""Winograd F(2x2, 3x3) convolution as an ONNX graph rewrite (Lavin & Gray, CVPR 2016).
+"""Winograd F(2x2, 3x3) / F(4x4, 3x3) convolution as an ONNX graph rewrite (Lavin & Gray 2016).
 
 A 3x3, stride-1, dilation-1, groups-1 convolution becomes: pad the input so every output is
 covered by 2x2 tiles, cut the overlapping 4x4 input tiles out with strided slices, transform
@@ -18,34 +18,72 @@ from onnx import TensorProto, helper, numpy_helper
 
 from optimizers.cnn import graph
 
-# F(2x2, 3x3) transforms for correlation (the convolution CNNs compute).
+# Transforms for correlation (the convolution CNNs compute), Lavin & Gray 2016.
 BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=np.float64)
 G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=np.float64)
 AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=np.float64)
+# F(4x4, 3x3): interpolation points 0, +-1, +-2, infinity.
+BT4 = np.array(
+    [
+        [4, 0, -5, 0, 1, 0],
+        [0, -4, -4, 1, 1, 0],
+        [0, 4, -4, -1, 1, 0],
+        [0, -2, -1, 2, 1, 0],
+        [0, 2, -1, -2, 1, 0],
+        [0, 4, 0, -5, 0, 1],
+    ],
+    dtype=np.float64,
+)
+G4 = np.array(
+    [
+        [1 / 4, 0, 0],
+        [-1 / 6, -1 / 6, -1 / 6],
+        [-1 / 6, 1 / 6, -1 / 6],
+        [1 / 24, 1 / 12, 1 / 6],
+        [1 / 24, -1 / 12, 1 / 6],
+        [0, 0, 1],
+    ],
+    dtype=np.float64,
+)
+AT4 = np.array(
+    [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
+    dtype=np.float64,
+)
+TRANSFORMS = {2: (BT, G, AT), 4: (BT4, G4, AT4)}
 
 
-def transform_weights(weight: np.ndarray) -> np.ndarray:
-    """``U = G g Gᵀ`` for every (out, in) filter: ``[K,C,3,3] -> [16,K,C]`` (float32)."""
-    u = np.einsum("ai,kcij,bj->abkc", G, weight.astype(np.float64), G)
-    return u.reshape(16, weight.shape[0], weight.shape[1]).astype(np.float32)
+def transform_weights(weight: np.ndarray, m: int = 2) -> np.ndarray:
+    """``U = G g Gᵀ`` for every (out, in) filter: ``[K,C,3,3] -> [t*t, K, C]`` (float32).
+
+    The leading index is ``b * t + a`` (column-transform index major), matching the order
+    the graph produces the transformed input tiles in.
+    """
+    _, g, _ = TRANSFORMS[m]
+    u = np.einsum("ai,kcij,bj->bakc", g, weight.astype(np.float64), g)
+    t = m + 2
+    return u.reshape(t * t, weight.shape[0], weight.shape[1]).astype(np.float32)
 
 
-def winograd_conv_numpy(x: np.ndarray, weight: np.ndarray, pads: tuple[int, ...]) -> np.ndarray:
-    """Reference F(2x2,3x3) in numpy (float64); ``pads`` = (top, left, bottom, right)."""
+def winograd_conv_numpy(
+    x: np.ndarray, weight: np.ndarray, pads: tuple[int, ...], m: int = 2
+) -> np.ndarray:
+    """Reference F(mxm,3x3) in numpy (float64); ``pads`` = (top, left, bottom, right)."""
+    bt, g, at = TRANSFORMS[m]
+    t = m + 2
     n, c, h, w = x.shape
     k = weight.shape[0]
     top, left, bottom, right = pads
     ho, wo = h + top + bottom - 2, w + left + right - 2
-    th, tw = -(-ho // 2), -(-wo // 2)
-    xp = np.zeros((n, c, 2 * th + 2, 2 * tw + 2))
+    th, tw = -(-ho // m), -(-wo // m)
+    xp = np.zeros((n, c, m * th + 2, m * tw + 2))
     xp[:, :, top : top + h, left : left + w] = x
     tiles = np.stack(
-        [[xp[:, :, i : i + 2 * th : 2, j : j + 2 * tw : 2] for j in range(4)] for i in range(4)]
-    )  # [4,4,N,C,Th,Tw]
-    v = np.einsum("ai,bj,ijncpq->abncpq", BT, BT, tiles).reshape(16, n, c, th * tw)
-    u = np.einsum("ai,kcij,bj->abkc", G, weight.astype(np.float64), G).reshape(16, k, c)
-    m = np.einsum("ukc,uncp->unkp", u, v).reshape(4, 4, n, k, th, tw)
-    y = np.einsum("ra,sb,abnkpq->nkprqs", AT, AT, m).reshape(n, k, 2 * th, 2 * tw)
+        [[xp[:, :, i : i + m * th : m, j : j + m * tw : m] for j in range(t)] for i in range(t)]
+    )  # [t,t,N,C,Th,Tw]
+    v = np.einsum("ai,bj,ijncpq->abncpq", bt, bt, tiles).reshape(t * t, n, c, th * tw)
+    u = np.einsum("ai,kcij,bj->abkc", g, weight.astype(np.float64), g).reshape(t * t, k, c)
+    mm = np.einsum("ukc,uncp->unkp", u, v).reshape(t, t, n, k, th, tw)
+    y = np.einsum("ra,sb,abnkpq->nkprqs", at, at, mm).reshape(n, k, m * th, m * tw)
     return y[:, :, :ho, :wo]
 
 
@@ -135,102 +173,115 @@ def _const(name: str, value: np.ndarray) -> onnx.TensorProto:
 
 
 def winograd_subgraph(
-    info: ConvInfo, prefix: str
+    info: ConvInfo, prefix: str, m: int = 2
 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """Nodes and initializers computing ``info.node``'s output with F(2x2,3x3).
+    """Nodes and initializers computing ``info.node``'s output with F(mxm, 3x3).
 
-    The input is transposed once to ``[C,N,H,W]`` (with a leading axis for stacking) so the
-    16 transformed tiles stack into ``[16, C, N*P]`` without another transpose.
+    The input is transposed once to ``[C,N,H,W]``; ``t = m+2`` strided row slices are
+    stacked and transformed by one small MatMul with ``Bᵀ``, then ``t`` strided column
+    slices likewise, giving the ``t*t`` transformed tiles as ``[t*t, C, N*P]``. The products
+    with ``U`` are ``t*t`` batched MatMuls ``[t*t,K,C] x [t*t,C,N*P]``; ``Aᵀ`` is applied on
+    both tile axes with two more small MatMuls, and one transpose reassembles ``[N,K,H,W]``.
     """
+    bt, _, at = TRANSFORMS[m]
+    t = m + 2
     x_name, y_name = info.node.input[0], info.node.output[0]
     _, c, h, w = info.in_shape
     k = int(info.weight.shape[0])
     top, left, bottom, right = info.pads
     ho, wo = info.out_hw
-    th, tw = -(-ho // 2), -(-wo // 2)
-    extra_b, extra_r = 2 * th + 2 - (h + top + bottom), 2 * tw + 2 - (w + left + right)
+    th, tw = -(-ho // m), -(-wo // m)
+    extra_b, extra_r = m * th + 2 - (h + top + bottom), m * tw + 2 - (w + left + right)
 
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
 
-    def t(name: str) -> str:
+    def n_(name: str) -> str:
         return f"{prefix}/{name}"
 
     def const(name: str, value: np.ndarray) -> str:
-        inits.append(_const(t(name), value))
-        return t(name)
+        inits.append(_const(n_(name), value))
+        return n_(name)
 
     def node(op: str, inputs: list[str], out: str, **attrs) -> str:
-        nodes.append(helper.make_node(op, inputs, [t(out)], name=t(out), **attrs))
-        return t(out)
+        nodes.append(helper.make_node(op, inputs, [n_(out)], name=n_(out), **attrs))
+        return n_(out)
+
+    def i64(*values: int) -> np.ndarray:
+        return np.array(values, np.int64)
 
     xt = node("Transpose", [x_name], "x_cnhw", perm=[1, 0, 2, 3])
-    xt = node("Unsqueeze", [xt, const("axis0", np.array([0], np.int64))], "x_1cnhw")
-    pads = np.array([0, 0, 0, top, left, 0, 0, 0, bottom + extra_b, right + extra_r], np.int64)
+    xt = node("Unsqueeze", [xt, const("axis0", i64(0))], "x_1cnhw")
+    pads = i64(0, 0, 0, top, left, 0, 0, 0, bottom + extra_b, right + extra_r)
     if pads.any():
         xt = node("Pad", [xt, const("pads", pads)], "x_padded")
+    bt_const = const("bt", bt.astype(np.float32))
+    step = const("step", i64(m))
 
-    def strided(src: str, start: int, count: int, axis: int, out: str) -> str:
-        return node(
-            "Slice",
-            [
-                src,
-                const(f"{out}_s", np.array([start], np.int64)),
-                const(f"{out}_e", np.array([start + 2 * count - 1], np.int64)),
-                const(f"{out}_a", np.array([axis], np.int64)),
-                const(f"{out}_p", np.array([2], np.int64)),
-            ],
-            out,
-        )
-
-    def bt_combine(parts: list[str], tag: str) -> list[str]:
-        """Rows of Bᵀ: d0-d2, d1+d2, d2-d1, d1-d3."""
-        p0, p1, p2, p3 = parts
-        return [
-            node("Sub", [p0, p2], f"{tag}0"),
-            node("Add", [p1, p2], f"{tag}1"),
-            node("Sub", [p2, p1], f"{tag}2"),
-            node("Sub", [p1, p3], f"{tag}3"),
+    def phases(src: str, axis: int, count: int, tag: str) -> str:
+        """Stack the ``t`` strided phases of ``src`` along a new leading axis (it is size 1)."""
+        axis_c = const(f"{tag}_axis", i64(axis))
+        parts = [
+            node(
+                "Slice",
+                [
+                    src,
+                    const(f"{tag}{i}_s", i64(i)),
+                    const(f"{tag}{i}_e", i64(i + m * (count - 1) + 1)),
+                    axis_c,
+                    step,
+                ],
+                f"{tag}{i}",
+            )
+            for i in range(t)
         ]
+        return node("Concat", parts, f"{tag}_stack", axis=0)
 
-    rows = [strided(xt, i, th, 3, f"row{i}") for i in range(4)]
-    row_t = bt_combine(rows, "rowt")
-    tiles: list[str] = []
-    for a, row in enumerate(row_t):
-        cols = [strided(row, j, tw, 4, f"r{a}c{j}") for j in range(4)]
-        tiles.extend(bt_combine(cols, f"v{a}_"))
-    v = node("Concat", tiles, "v", axis=0)  # [16, C, N, Th, Tw]
-    v = node("Reshape", [v, const("v_shape", np.array([16, c, -1], np.int64))], "v_flat")
-    u = const("u", transform_weights(info.weight))  # [16, K, C]
-    m = node("MatMul", [u, v], "m")  # [16, K, N*Th*Tw]
-    m = node("Reshape", [m, const("m_shape", np.array([16, -1], np.int64))], "m_flat")
-    a_kron = const("at_kron", np.kron(AT, AT).astype(np.float32))  # [4, 16]
-    y = node("MatMul", [a_kron, m], "y")  # [4, K*N*Th*Tw]
-    y = node("Reshape", [y, const("y_shape", np.array([2, 2, k, -1, th, tw], np.int64))], "y6")
-    y = node("Transpose", [y], "y_nkrs", perm=[3, 2, 4, 0, 5, 1])
-    y = node(
-        "Reshape", [y, const("y_out_shape", np.array([-1, k, 2 * th, 2 * tw], np.int64))], "y4"
-    )
-    if (2 * th, 2 * tw) != (ho, wo):
+    rows = phases(xt, 3, th, "row")  # [t, C, N, Th, Wp]
+    flat = node("Reshape", [rows, const("rows_shape", i64(t, -1))], "rows_flat")
+    rows_t = node("MatMul", [bt_const, flat], "rows_bt")  # [t(a), C*N*Th*Wp]
+    rows_t = node(
+        "Reshape", [rows_t, const("rows_bt_shape", i64(t, c, -1, th, m * tw + 2))], "rows_bt5"
+    )  # [t(a), C, N, Th, Wp]
+    cols = phases(rows_t, 4, tw, "col")  # [t(b) * t(a), C, N, Th, Tw]
+    flat = node("Reshape", [cols, const("cols_shape", i64(t, -1))], "cols_flat")
+    v = node("MatMul", [bt_const, flat], "v")  # [t(b), t(a)*C*N*Th*Tw]
+    v = node("Reshape", [v, const("v_shape", i64(t * t, c, -1))], "v_flat")  # [t*t, C, N*P]
+    u = const("u", transform_weights(info.weight, m))  # [t*t, K, C]
+    mm = node("MatMul", [u, v], "m")  # [t*t, K, N*P], index b*t + a
+    at_const = const("at", at.astype(np.float32))
+    mm = node("Reshape", [mm, const("m_shape", i64(t, -1))], "m_flat")
+    y = node("MatMul", [at_const, mm], "y_b")  # [m(s), t(a)*K*N*P]
+    y = node("Reshape", [y, const("y_b_shape", i64(m, t, -1))], "y_b3")
+    y = node("MatMul", [at_const, y], "y_ab")  # [m(s), m(r), K*N*P]
+    y = node("Reshape", [y, const("y_shape", i64(m, m, k, -1, th, tw))], "y6")
+    y = node("Transpose", [y], "y_nkrs", perm=[3, 2, 4, 1, 5, 0])  # [N, K, Th, r, Tw, s]
+    y = node("Reshape", [y, const("y_out_shape", i64(-1, k, m * th, m * tw))], "y4")
+    if (m * th, m * tw) != (ho, wo):
         y = node(
             "Slice",
             [
                 y,
-                const("crop_s", np.array([0, 0], np.int64)),
-                const("crop_e", np.array([ho, wo], np.int64)),
-                const("crop_a", np.array([2, 3], np.int64)),
+                const("crop_s", i64(0, 0)),
+                const("crop_e", i64(ho, wo)),
+                const("crop_a", i64(2, 3)),
             ],
             "cropped",
         )
     if info.bias is not None:
         bias = const("bias", info.bias.reshape(1, k, 1, 1).astype(np.float32))
         y = node("Add", [y, bias], "biased")
-    nodes.append(helper.make_node("Identity", [y], [y_name], name=t("out")))
+    nodes.append(helper.make_node("Identity", [y], [y_name], name=n_("out")))
     return nodes, inits
 
 
-def rewrite(model: onnx.ModelProto, infos: list[ConvInfo]) -> onnx.ModelProto:
-    """A copy of ``model`` with every conv in ``infos`` replaced by its Winograd subgraph."""
+def rewrite(
+    model: onnx.ModelProto, infos: list[ConvInfo], tiles: dict[str, int] | int = 2
+) -> onnx.ModelProto:
+    """A copy of ``model`` with every conv in ``infos`` replaced by its Winograd subgraph.
+
+    ``tiles``: output tile size ``m`` (2 or 4) for all convs, or per conv output name.
+    """
     out = onnx.ModelProto()
     out.CopyFrom(model)
     chosen = {info.node.output[0]: info for info in infos}
@@ -241,7 +292,8 @@ def rewrite(model: onnx.ModelProto, infos: list[ConvInfo]) -> onnx.ModelProto:
             new_nodes.append(node)
             continue
         prefix = graph.unique_name(out, f"{node.name or node.output[0]}/winograd")
-        nodes, inits = winograd_subgraph(info, prefix)
+        m = tiles if isinstance(tiles, int) else tiles.get(node.output[0], 2)
+        nodes, inits = winograd_subgraph(info, prefix, m)
         new_nodes.extend(nodes)
         out.graph.initializer.extend(inits)
     del out.graph.node[:]
@@ -266,7 +318,7 @@ def _drop_unused_initializers(model: onnx.ModelProto) -> None:
 
 
 def single_conv_model(
-    info: ConvInfo, batch: int, *, winograd: bool, opset: int = 17
+    info: ConvInfo, batch: int, *, winograd: bool, m: int = 2, opset: int = 17
 ) -> onnx.ModelProto:
     """A one-layer model: the original conv (or its Winograd form) on ``[batch, C, H, W]``."""
     _, c, h, w = info.in_shape
@@ -282,7 +334,7 @@ def single_conv_model(
         inits.append(_const("b", info.bias))
     single = ConvInfo(conv, info.weight, info.bias, info.pads, (batch, c, h, w))
     if winograd:
-        nodes, extra = winograd_subgraph(single, "wino")
+        nodes, extra = winograd_subgraph(single, "wino", m)
         inits = extra
     else:
         nodes = [conv]

@@ -32,6 +32,7 @@ class WinogradPass(Pass):
         min_speedup: float = 1.0
         max_rel_error: float = 1e-4
         repeats: int = 5
+        tiles: tuple[int, ...] = (2, 4)
 
         def __post_init__(self) -> None:
             if self.min_speedup < 0:
@@ -58,11 +59,12 @@ class WinogradPass(Pass):
             min_speedup=self.config.min_speedup,
             max_rel_error=self.config.max_rel_error,
             repeats=self.config.repeats,
+            tiles=tuple(self.config.tiles),
         )
         ctx.report_progress("winograd: measuring every conv layer", None)
         chosen, rows = winograd_select.select(model, options, ctx.check_cancelled)
         report = {
-            "algorithm": "F(2x2,3x3)",
+            "algorithms": [f"F({m}x{m},3x3)" for m in self.config.tiles],
             "batch_size": options.batch_size,
             "layers": rows,
             "rewritten": len(chosen),
@@ -71,5 +73,7 @@ class WinogradPass(Pass):
         if not chosen:
             return PassResult(artifact, False, report)
         out = ctx.scratch(self.name) / "model.onnx"
-        graph.save(winograd.rewrite(model, chosen), out)
+        infos = [info for info, _ in chosen.values()]
+        tiles = {name: m for name, (_, m) in chosen.items()}
+        graph.save(winograd.rewrite(model, infos, tiles), out)
         return PassResult(artifact.with_onnx(out, winograd=len(chosen)), True, report)

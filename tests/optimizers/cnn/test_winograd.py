@@ -31,9 +31,10 @@ def _direct(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, pads) -> np.ndar
     pads=st.tuples(*[st.integers(0, 2)] * 4),
     with_bias=st.booleans(),
     seed=st.integers(0, 2**16),
+    tile=st.sampled_from([2, 4]),
 )
 def test_winograd_onnx_equals_direct_convolution(
-    batch, channels, out_channels, height, width, pads, with_bias, seed
+    batch, channels, out_channels, height, width, pads, with_bias, seed, tile
 ):
     top, left, bottom, right = pads
     if height + top + bottom < 3 or width + left + right < 3:
@@ -43,7 +44,7 @@ def test_winograd_onnx_equals_direct_convolution(
     w = rng.standard_normal((out_channels, channels, 3, 3)).astype(np.float32)
     b = rng.standard_normal(out_channels).astype(np.float32) if with_bias else None
     info = winograd.ConvInfo(None, w, b, pads, (batch, channels, height, width))
-    model = winograd.single_conv_model(info, batch, winograd=True)
+    model = winograd.single_conv_model(info, batch, winograd=True, m=tile)
     ops = {node.op_type for node in model.graph.node}
     assert "Conv" not in ops
     assert "MatMul" in ops
@@ -52,23 +53,29 @@ def test_winograd_onnx_equals_direct_convolution(
     assert out.shape == reference.shape
     np.testing.assert_allclose(out, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
     np.testing.assert_allclose(
-        winograd.winograd_conv_numpy(x, w, pads) + (0 if b is None else b[None, :, None, None]),
+        winograd.winograd_conv_numpy(x, w, pads, tile)
+        + (0 if b is None else b[None, :, None, None]),
         reference,
         atol=1e-9 * max(1.0, np.abs(reference).max()),
     )
 
 
-def test_weight_transform_is_16_matmuls_of_constant_initializers():
+@pytest.mark.parametrize(("tile", "products"), [(2, 16), (4, 36)])
+def test_weights_pretransformed_and_products_are_batched_matmuls(tile, products):
     rng = np.random.default_rng(0)
     w = rng.standard_normal((8, 4, 3, 3)).astype(np.float32)
     info = winograd.ConvInfo(None, w, None, (1, 1, 1, 1), (2, 4, 6, 6))
-    model = winograd.single_conv_model(info, 2, winograd=True)
+    model = winograd.single_conv_model(info, 2, winograd=True, m=tile)
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     u = inits["wino/u"]
-    assert u.shape == (16, 8, 4)
-    np.testing.assert_allclose(u, winograd.transform_weights(w))
-    matmuls = [n for n in model.graph.node if n.op_type == "MatMul"]
-    assert matmuls[0].input[0] == "wino/u"
+    assert u.shape == (products, 8, 4)  # U = G g Gᵀ, one [K, C] matrix per tile position
+    np.testing.assert_allclose(u, winograd.transform_weights(w, tile))
+    products_node = [
+        n for n in model.graph.node if n.op_type == "MatMul" and n.input[0] == "wino/u"
+    ]
+    assert len(products_node) == 1  # one batched MatMul [t*t, K, C] x [t*t, C, N*P]
+    # multiplies per output: direct 9*C*K, Winograd (t*t/m*m)*C*K
+    assert products / tile**2 < 9
 
 
 def _model_with(nodes, inits, x_shape, y_shape) -> onnx.ModelProto:
@@ -99,7 +106,7 @@ def test_declines_layers_it_cannot_handle_with_reason(kernel, attrs, reason):
     model = _model_with([conv], [w], [1, 4, 8, 8], None)
     model.graph.output[0].type.tensor_type.ClearField("shape")
     chosen, rows = winograd_select.select(model, winograd_select.SelectOptions(min_speedup=0))
-    assert chosen == []
+    assert chosen == {}
     assert rows[0]["choice"] == "direct"
     assert reason in rows[0]["reason"]
 
@@ -112,12 +119,13 @@ def test_declines_dynamic_spatial_shape():
     assert "spatial shape unknown" in winograd.check_conv(model, conv, shapes)
 
 
-def test_demo_model_rewritten_keeps_accuracy(digits_model, digits_splits, tmp_path):
+@pytest.mark.parametrize("tile", [2, 4])
+def test_demo_model_rewritten_keeps_accuracy(digits_model, digits_splits, tmp_path, tile):
     model = graph.load(digits_model)
     shapes = graph.static_shapes(model, 1)
     infos = [winograd.check_conv(model, n, shapes) for n in model.graph.node if n.op_type == "Conv"]
     assert all(isinstance(i, winograd.ConvInfo) for i in infos), infos
-    rewritten = winograd.rewrite(model, infos)
+    rewritten = winograd.rewrite(model, infos, tile)
     onnx.checker.check_model(rewritten)
     assert not [n for n in rewritten.graph.node if n.op_type == "Conv"]
     path = graph.save(rewritten, tmp_path / "wino.onnx")
@@ -137,9 +145,12 @@ def test_select_measures_every_conv_and_reports(digits_model):
     assert len(chosen) == 2  # min_speedup 0: kept whenever accurate
     for row in rows:
         assert row["direct_ms"] > 0
-        assert row["winograd_ms"] > 0
-        assert row["max_rel_error"] < 1e-5
+        assert row["f2_ms"] > 0
+        assert row["f4_ms"] > 0
+        assert row["f2_max_rel_error"] < 1e-5
+        assert row["f4_max_rel_error"] < 1e-4
+        assert row["tile"] in (2, 4)
     strict = winograd_select.SelectOptions(batch_size=4, repeats=3, max_rel_error=0.0)
     chosen, rows = winograd_select.select(model, strict)
-    assert chosen == []
+    assert chosen == {}
     assert all("over bound" in r["reason"] for r in rows)
