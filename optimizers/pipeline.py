@@ -203,6 +203,16 @@ def _eager_latency(
     return result
 
 
+def _relative(artifact: Artifact | None, root: Path) -> str | None:
+    """The candidate's ONNX file relative to the job folder (None when it was dropped)."""
+    if artifact is None or artifact.onnx_path is None:
+        return None
+    try:
+        return str(artifact.onnx_path.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return None
+
+
 def build_report(
     request: OptimizationRequest,
     loaded: LoadedSource,
@@ -224,6 +234,7 @@ def build_report(
         ms = candidate.latency_ms
         entry["speedup_vs_original"] = (base.latency_ms / ms) if ms else None
         entry["speedup_vs_eager"] = (eager_ms / ms) if (ms and eager_ms) else None
+        entry["file"] = _relative(candidate.artifact, search.ctx.workdir.parent)
         candidates.append(entry)
     winner_entry = next(c for c in candidates if c["id"] == winner.id)
     providers = (base.latency or {}).get("providers", [])
