@@ -79,18 +79,30 @@ async def _wait_disconnect(request: Request) -> None:
 async def submit_cancellable(
     request: Request, batcher: DynamicBatcher, arrays: dict[str, np.ndarray], **options: Any
 ) -> tuple[dict[str, np.ndarray], Any]:
-    """Submit to the batcher; cancel the request when the client disconnects first."""
-    task = asyncio.ensure_future(batcher.submit(arrays, **options))
+    """Submit to the batcher; cancel the request when the client disconnects first.
+
+    The submit runs in the request's own task (no extra task per request); a watcher task
+    waiting for ``http.disconnect`` cancels it when the client goes away.
+    """
+    current = asyncio.current_task()
+    assert current is not None
     watcher = asyncio.ensure_future(_wait_disconnect(request))
+
+    def on_disconnect(done: asyncio.Future[None]) -> None:
+        if not done.cancelled():
+            current.cancel("client disconnected")
+
+    watcher.add_done_callback(on_disconnect)
     try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+        return await batcher.submit(arrays, **options)
+    except asyncio.CancelledError:
+        if watcher.done() and not watcher.cancelled():
+            current.uncancel()
+            raise ClientDisconnected("the client disconnected before its request ran") from None
+        raise
     finally:
+        watcher.remove_done_callback(on_disconnect)
         watcher.cancel()
-        if not task.done():
-            task.cancel()
-    if task.cancelled():
-        raise ClientDisconnected("the client disconnected before its request ran")
-    return task.result()
 
 
 def _check_outputs(loaded: LoadedVersion, names: list[str] | None) -> None:
