@@ -47,6 +47,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Triton answers load/unload outside EXPLICIT mode with UNAVAILABLE (HTTP 503) and "explicit
+# model load / unload is not allowed if polling is enabled" (model_repository_manager.cc). A 503
+# invites clients to retry something that can never succeed, so this server answers 403
+# Forbidden with a message naming the mode and the fix; tritonclient raises either way.
 NOT_ALLOWED = (
     "explicit model load / unload is not allowed in model control mode '{mode}'; "
     "start the server with --model-control-mode explicit"
