@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 Reload = Callable[[str], Awaitable[Any]]
 PROGRESS_KEYS = ("stage", "message", "fraction", "candidate", "passes_done", "passes_total")
 ALIASES = {"done": "passes_done", "total": "passes_total"}
+PUBLISH_GRACE_S = 120.0
 CANDIDATE_COUNT = re.compile(r"candidate (\d+)/(\d+)")
 
 
@@ -105,6 +106,13 @@ class JobManager:
         """Stop running workers (their jobs fail: the server shut down); keep the queue."""
         self._stopping = True
         tasks = list(self._running.values())
+        publishing = [
+            task
+            for job_id, task in self._running.items()
+            if self.store.get(job_id).stage == "publishing"
+        ]
+        if publishing:  # let a publish finish rather than leave half of it behind
+            await asyncio.wait(publishing, timeout=PUBLISH_GRACE_S)
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -369,6 +377,10 @@ class JobManager:
             record.passes_done = record.passes_total
         record.stage, record.message = "done", f"published as version {published.version}"
         self._finish(record, "succeeded")
-        job_dir = self.store.job_dir(record.id)
-        for folder in ("work", "upload"):  # published now; kept only when a job fails
-            await asyncio.to_thread(shutil.rmtree, job_dir / folder, True)
+        await asyncio.shield(asyncio.to_thread(self._remove_inputs, record.id))
+
+    def _remove_inputs(self, job_id: str) -> None:
+        """Drop a published job's upload and scratch files (kept only when a job fails)."""
+        job_dir = self.store.job_dir(job_id)
+        for folder in ("work", "upload"):
+            shutil.rmtree(job_dir / folder, ignore_errors=True)

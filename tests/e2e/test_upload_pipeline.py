@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,8 @@ from typing import Any
 import httpx
 import numpy as np
 import onnx
+import pytest
+import torch
 from onnx import TensorProto, helper
 
 from tests.e2e.helpers import infer_input, run_direct
@@ -134,3 +138,72 @@ def test_failing_job_leaves_the_repository_unchanged(
     assert client.is_server_live()
     assert client.is_model_ready("add_sub")
     assert not client.is_model_ready("brand_new")
+
+
+class TinyMLP(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Sequential(
+            torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def onnx_with_data_zip(tmp_path: Path) -> tuple[bytes, Path]:
+    """The MLP as ``model.onnx`` + ``model.onnx.data`` in a zip; and the plain file."""
+    plain = tmp_path / "plain.onnx"
+    plain.write_bytes(mlp_model(width=64, depth=3, features=16, seed=3))
+    folder = tmp_path / "external"
+    folder.mkdir()
+    onnx.save_model(
+        onnx.load(str(plain)),
+        str(folder / "model.onnx"),
+        save_as_external_data=True,
+        location="model.onnx.data",
+        size_threshold=0,
+    )
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name in ("model.onnx", "model.onnx.data"):
+            archive.write(folder / name, f"mlp/{name}")
+    return buffer.getvalue(), plain
+
+
+@pytest.mark.slow
+def test_archive_and_torch_export_uploads(
+    tmp_path: Path, start_server: Callable[..., RemoteServer]
+) -> None:
+    repo = basic_repository(tmp_path / "repository")
+    server = start_server(repo, env={"SLIMSERVE_JOBS_DIR": str(tmp_path / "jobs")})
+    zipped, plain = onnx_with_data_zip(tmp_path)
+    net = TinyMLP().eval()
+    pt2 = tmp_path / "tiny.pt2"
+    torch.export.save(torch.export.export(net, (torch.randn(4, 16),)), str(pt2))
+    uploads = {
+        "from_zip": upload(server, ("mlp.zip", zipped), {"name": "from_zip", "time_budget_s": 180}),
+        "from_pt2": upload(
+            server, ("tiny.pt2", pt2.read_bytes()), {"name": "from_pt2", "time_budget_s": 180}
+        ),
+    }
+    rng = np.random.default_rng(2)
+    client = server.client()
+    for name, response in uploads.items():
+        assert response.status_code == 202, response.text
+        job = wait_job(server, response.json()["url"])
+        assert job["state"] == "succeeded", (name, job["error"], job["log_tail"])
+        assert job["source"]["kind"] == ("onnx" if name == "from_zip" else "pt2")
+        metadata = client.get_model_metadata(name)
+        assert metadata["versions"] == ["2"]
+        input_name = metadata["inputs"][0]["name"]
+        output_name = metadata["outputs"][0]["name"]
+        x = rng.standard_normal((4, 16)).astype(np.float32)
+        got = client.infer(name, [infer_input(input_name, x)]).as_numpy(output_name)
+        if name == "from_zip":
+            expected = run_direct(plain, {"x": x})["y"]
+        else:
+            with torch.no_grad():
+                expected = net(torch.from_numpy(x)).numpy()
+        assert cosine(got, expected).min() >= 0.99, name

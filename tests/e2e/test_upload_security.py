@@ -53,6 +53,20 @@ def tar_with_symlink(target: str) -> bytes:
     return buffer.getvalue()
 
 
+def armed_pt2(tmp_path: Path, payload: bytes) -> bytes:
+    """A genuine torch.export archive whose sample inputs were replaced by ``payload``."""
+    import torch
+
+    path = tmp_path / "genuine.pt2"
+    torch.export.save(torch.export.export(torch.nn.Linear(4, 2), (torch.randn(1, 4),)), str(path))
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(buffer, "w") as out:
+        for name in src.namelist():
+            data = payload if "sample_inputs" in name else src.read(name)
+            out.writestr(name, data)
+    return buffer.getvalue()
+
+
 def tree_digest(root: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
@@ -99,6 +113,8 @@ def test_hostile_uploads_are_refused(tmp_path: Path, server_and_repo) -> None:
             "pickle",
         ),
         ("pickle file", ("model.pt", armed), request, 400, "pickle"),
+        ("pickle in .pt2", ("m.pt2", armed_pt2(tmp_path, armed)), request, 400, "Path.touch"),
+        ("pt2 not a zip", ("m.pt2", armed), request, 400, "not a torch.export archive"),
         ("oversized", ("big.onnx", bytes(2 * LIMIT)), request, 413, f"limit of {LIMIT} bytes"),
         ("bad name", ("m.onnx", onnx_bytes), {"name": "../../etc"}, 400, "name"),
         ("bad option", ("m.onnx", onnx_bytes), {"name": "x", "seq_len": -1}, 400, "seq_len"),
