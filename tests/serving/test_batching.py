@@ -432,8 +432,9 @@ def test_output_without_batch_rows_is_an_engine_error():
 def test_close_drains_queued_and_running_requests():
     async def main():
         engine = blocked_engine()
-        batcher = DynamicBatcher([engine], batching_config(max_batch_size=1))
+        batcher = DynamicBatcher([engine], batching_config(max_batch_size=1), name="drain")
         tasks = [asyncio.ensure_future(batcher.submit({"x": rows(1, float(i))})) for i in range(4)]
+        assert any(t.name == "batcher-drain-0" for t in threading.enumerate())
         await until(lambda: engine.running.is_set() and batcher.queue_depth == 3)
         closing = asyncio.ensure_future(batcher.close(drain_timeout_s=10))
         await asyncio.sleep(0.01)
@@ -447,6 +448,7 @@ def test_close_drains_queued_and_running_requests():
         assert engine.batches == [1, 1, 1, 1]
         assert batcher.in_flight == 0
         assert not engine.closed  # the owner closes engines, not the batcher
+        await until(lambda: not any(t.name == "batcher-drain-0" for t in threading.enumerate()))
 
     run(main())
 
