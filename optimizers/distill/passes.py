@@ -89,9 +89,12 @@ class Distill(Pass):
         _split(count, self.config)  # refuses with the reason when the data is too small
 
     def call(self, artifact: Artifact, ctx: PassContext) -> PassResult:
-        if artifact.family == "transformer":
-            return self._transformer(artifact, ctx)
-        return self._cnn(artifact, ctx)
+        from optimizers.distill.trainer import torch_threads
+
+        with torch_threads(self.config.threads):
+            if artifact.family == "transformer":
+                return self._transformer(artifact, ctx)
+            return self._cnn(artifact, ctx)
 
     # -- transformers ------------------------------------------------------------------
     def _transformer(self, artifact: Artifact, ctx: PassContext) -> PassResult:

@@ -3,6 +3,7 @@ fidelity, a time budget, progress events and cancellation."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -62,6 +63,18 @@ class TrainingLog:
             "last_loss": self.loss_window(first=False),
             "fidelity_curve": [[step, fidelity] for step, fidelity in self.curve],
         }
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block with ``count`` PyTorch intra-op threads (0: leave torch's setting)."""
+    previous = torch.get_num_threads()
+    if count > 0:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def lr_factor(step: int, warmup: int, progress: float) -> float:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
+
+from optimizers.distill.trainer import torch_threads
 
 ROOT = Path(__file__).resolve().parents[3]
 DIGITS_ONNX = ROOT / "model_repository" / "digits_cnn" / "1" / "model.onnx"
@@ -30,3 +33,10 @@ def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         images, digits.target, test_size=0.2, random_state=0, stratify=digits.target
     )
     return x_train, x_test, y_train, y_test
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """Train with one thread, as the pass does by default (a shared CPU stalls two)."""
+    with torch_threads(1):
+        yield

@@ -1,0 +1,117 @@
+"""Transformer students: a layer-dropped copy of a (tiny, random-init) BERT teacher is really
+smaller, its loss decreases and its held-out embedding cosine beats the untrained student's;
+the pass exports it to ONNX and reports size, FLOPs, the curve and speed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+import optimizers.distill.passes  # noqa: F401  (registers the distill pass)
+from optimizers.calibration import batches, tokenize
+from optimizers.distill import transformer as tr
+from optimizers.distill.data import python_docs_sentences, split_holdout
+from optimizers.distill.trainer import train
+from optimizers.loaders import load_hf_checkpoint
+from optimizers.passes.base import Artifact, PassContext, PassNotApplicable
+from optimizers.registry import get_pass
+from tests.optimizers.tiny import tiny_bert_checkpoint
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_bert_checkpoint(tmp_path_factory.mktemp("distill_bert") / "ckpt", layers=4)
+
+
+@pytest.fixture(scope="module")
+def texts() -> list[str]:
+    return python_docs_sentences()[:400]
+
+
+def test_student_keeps_chosen_layers_and_is_smaller(teacher_dir):
+    teacher = load_hf_checkpoint(teacher_dir).artifact.torch_model
+    student = tr.build_layer_student(teacher, (1, 3), ffn_fraction=0.5)
+    assert student.config.num_hidden_layers == 2
+    assert len(student.encoder.layer) == 2
+    assert len(teacher.encoder.layer) == 4  # the teacher is untouched
+    assert student.config.intermediate_size == 64
+    assert tr.count_parameters(student) < tr.count_parameters(teacher)
+    # 2 FLOPs per MAC x layers x tokens x (QKV+out 4h^2, FFN 2h*ffn, attention 2*s*h)
+    assert tr.encoder_flops(student.config, 128) == 2 * 2 * 128 * (
+        4 * 64 * 64 + 2 * 64 * 64 + 2 * 128 * 64
+    )
+    assert tr.encoder_flops(student.config, 128) < 0.45 * tr.encoder_flops(teacher.config, 128)
+    layer = teacher.encoder.layer[3].attention.self.query.weight
+    torch.testing.assert_close(student.encoder.layer[1].attention.self.query.weight, layer)
+    assert tr.default_keep_layers(6, 2, 0) == (0, 2, 4)
+    assert tr.default_keep_layers(6, 2, 1) == (1, 3, 5)
+
+
+def test_training_lowers_loss_and_beats_the_untrained_student(teacher_dir, texts):
+    loaded = load_hf_checkpoint(teacher_dir)
+    teacher = loaded.artifact.torch_model
+    from transformers import AutoTokenizer
+
+    sequences = tr.tokenize(texts, AutoTokenizer.from_pretrained(str(teacher_dir)), 64)
+    split = split_holdout(len(sequences), fraction=0.2, min_holdout=16, min_train=64)
+    student = tr.build_layer_student(teacher, (0, 2))
+    task = tr.EmbeddingDistillTask(teacher, student, sequences, split, batch_size=16)
+    untrained = task.held_out_cosines()
+    log = train(
+        task,
+        lr=1e-3,
+        weight_decay=0.01,
+        warmup_steps=5,
+        eval_every=10,
+        patience=10,
+        budget_s=120,
+        max_steps=60,
+    )
+    trained = task.held_out_cosines()
+    assert log.steps == 60
+    assert log.stop_reason == "max_steps"
+    assert log.loss_window(first=False) < 0.5 * log.loss_window(first=True)
+    # a random-init teacher's embeddings are nearly parallel: compare the remaining error
+    assert 1 - trained.mean() < 0.5 * (1 - untrained.mean())
+    assert trained.mean() == pytest.approx(log.best_fidelity, abs=1e-6)
+    assert log.curve[0] == (0, pytest.approx(untrained.mean(), abs=1e-6))
+
+
+@pytest.mark.slow
+def test_pass_exports_a_smaller_student(teacher_dir, texts, tmp_path):
+    loaded = load_hf_checkpoint(teacher_dir)
+    meta = dict(loaded.artifact.meta)
+    ctx = PassContext(workdir=tmp_path, batch_size=4, seq_len=32)
+    exported = get_pass("export").run(loaded.artifact, ctx).artifact
+    teacher = Artifact("onnx", "transformer", onnx_path=exported.onnx_path, meta=exported.meta)
+    feeds = tokenize(teacher_dir, texts, 64, meta["input_names"])
+    ctx.calibration = {"inputs": batches(feeds, 16)[0], "synthetic": False}
+    distill = get_pass("distill", keep_layers=(0, 3), lr=1e-3, max_steps=40, eval_every=10)
+    result = distill.run(teacher, ctx)
+    report = result.report
+    assert report["student"]["layers"] == [0, 3]
+    assert report["student"]["parameters"] < report["teacher"]["parameters"]
+    assert report["student"]["encoder_flops"] == report["teacher"]["encoder_flops"] // 2
+    assert report["training"]["best_fidelity"] > report["training"]["initial_fidelity"]
+    assert report["data"] == {"train": 320, "held_out": 80} or report["data"]["train"] >= 64
+    assert Path(report["plot"]).is_file()
+    assert report["speed"]["speedup"] > 0
+    session = ort.InferenceSession(str(result.artifact.onnx_path))
+    sample = dict(ctx.calibration["inputs"][0])
+    hidden = session.run(None, sample)[0]
+    assert hidden.shape == (*sample["input_ids"].shape, 64)
+    assert np.isfinite(hidden).all()
+
+
+def test_pass_refuses_onnx_only_transformers(tmp_path, teacher_dir, texts):
+    loaded = load_hf_checkpoint(teacher_dir)
+    feeds = tokenize(teacher_dir, texts, 64, loaded.artifact.meta["input_names"])
+    ctx = PassContext(workdir=tmp_path)
+    ctx.calibration = {"inputs": batches(feeds, 16)[0], "synthetic": False}
+    onnx_only = Artifact("onnx", "transformer", onnx_path=tmp_path / "model.onnx", meta={})
+    with pytest.raises(PassNotApplicable, match="needs its PyTorch weights"):
+        get_pass("distill").call(onnx_only, ctx)
