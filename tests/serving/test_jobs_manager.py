@@ -333,3 +333,18 @@ def test_restart_fails_the_running_job_and_resumes_the_queue(tmp_path: Path) -> 
     assert restarted.repository.version_numbers("later") == [1, 2]
     assert not (tmp_path / "repository" / "lost").exists()
     assert os.path.exists(job_dir / "job.json")
+
+
+def test_jobs_run_side_by_side_up_to_the_limit(tmp_path: Path) -> None:
+    h = Harness(tmp_path, "slow_optimizer", max_concurrent=2)
+
+    async def body(h: Harness) -> list[str]:
+        jobs = [await h.submit({"name": f"m{i}"}) for i in range(3)]
+        for job in jobs[:2]:
+            await h.wait(job.id, lambda r: r.stage == "search")
+        states = [h.manager.get(job.id).state for job in jobs]
+        for job in jobs:
+            await h.manager.cancel(job.id)
+        return states
+
+    assert run(h, body) == ["running", "running", "queued"]
