@@ -434,8 +434,8 @@ def test_close_drains_queued_and_running_requests():
         engine = blocked_engine()
         batcher = DynamicBatcher([engine], batching_config(max_batch_size=1), name="drain")
         tasks = [asyncio.ensure_future(batcher.submit({"x": rows(1, float(i))})) for i in range(4)]
-        assert any(t.name == "batcher-drain-0" for t in threading.enumerate())
         await until(lambda: engine.running.is_set() and batcher.queue_depth == 3)
+        assert any(t.name == "batcher-drain-0" for t in threading.enumerate())
         closing = asyncio.ensure_future(batcher.close(drain_timeout_s=10))
         await asyncio.sleep(0.01)
         with pytest.raises(ServerShuttingDown):
