@@ -11,6 +11,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -109,6 +110,71 @@ class _TritonCollector:
         yield gauge
 
 
+class GpuCollector:
+    """Triton's GPU metrics from NVML (``nvidia-ml-py``), one label set per GPU UUID.
+
+    ``GpuCollector.create()`` returns None when NVML is not installed or finds no GPU,
+    so CPU-only servers export no GPU metrics rather than failing.
+    """
+
+    def __init__(self, nvml: Any, handles: list[Any]) -> None:
+        self._nvml = nvml
+        self._handles = handles
+        self._uuids = [_text(nvml.nvmlDeviceGetUUID(h)) for h in handles]
+
+    @classmethod
+    def create(cls) -> GpuCollector | None:
+        try:
+            import pynvml as nvml
+        except ImportError:
+            return None
+        try:
+            nvml.nvmlInit()
+            handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())]
+        except Exception as exc:  # NVMLError: no driver, no device
+            log.info("NVML unavailable, no GPU metrics: %s", exc)
+            return None
+        return cls(nvml, handles) if handles else None
+
+    def collect(self) -> Iterator[Metric]:
+        nvml = self._nvml
+        families = {
+            "nv_gpu_utilization": GaugeMetricFamily(
+                "nv_gpu_utilization", "GPU utilization rate [0.0 - 1.0)", labels=["gpu_uuid"]
+            ),
+            "nv_gpu_memory_total_bytes": GaugeMetricFamily(
+                "nv_gpu_memory_total_bytes", "GPU total memory, in bytes", labels=["gpu_uuid"]
+            ),
+            "nv_gpu_memory_used_bytes": GaugeMetricFamily(
+                "nv_gpu_memory_used_bytes", "GPU used memory, in bytes", labels=["gpu_uuid"]
+            ),
+            "nv_gpu_power_usage": GaugeMetricFamily(
+                "nv_gpu_power_usage", "GPU power usage in watts", labels=["gpu_uuid"]
+            ),
+            "nv_gpu_power_limit": GaugeMetricFamily(
+                "nv_gpu_power_limit", "GPU power management limit in watts", labels=["gpu_uuid"]
+            ),
+        }
+        for uuid, handle in zip(self._uuids, self._handles, strict=True):
+            readings = (
+                ("nv_gpu_utilization", lambda h: nvml.nvmlDeviceGetUtilizationRates(h).gpu / 100),
+                ("nv_gpu_memory_total_bytes", lambda h: nvml.nvmlDeviceGetMemoryInfo(h).total),
+                ("nv_gpu_memory_used_bytes", lambda h: nvml.nvmlDeviceGetMemoryInfo(h).used),
+                ("nv_gpu_power_usage", lambda h: nvml.nvmlDeviceGetPowerUsage(h) / 1000),
+                ("nv_gpu_power_limit", lambda h: nvml.nvmlDeviceGetEnforcedPowerLimit(h) / 1000),
+            )
+            for name, read in readings:
+                try:
+                    families[name].add_metric([uuid], float(read(handle)))
+                except Exception:  # a reading this GPU does not support
+                    continue
+        yield from families.values()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 class ServerMetrics:
     """All of the server's metrics on one registry.
 
@@ -117,7 +183,10 @@ class ServerMetrics:
     Histograms observe successful requests only; failures are counted by reason.
     """
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, gpu: bool | None = None
+    ) -> None:
+        """``gpu``: export NVML GPU metrics (None: when NVML finds a GPU)."""
         self.registry = registry if registry is not None else CollectorRegistry()
         self._lock = threading.Lock()
         self._counters: dict[tuple[str, str], dict[str, int]] = {}
@@ -166,6 +235,11 @@ class ServerMetrics:
             self.fidelity,
         )
         ProcessCollector(registry=self.registry)
+        self.gpu = GpuCollector.create() if gpu is not False else None
+        if gpu and self.gpu is None:
+            raise RuntimeError("GPU metrics were requested but NVML finds no GPU")
+        if self.gpu is not None:
+            self.registry.register(self.gpu)
 
     # ------------------------------------------------------------------ updates
 

@@ -7,12 +7,13 @@ import threading
 import time
 
 import numpy as np
+import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving.batching import DynamicBatcher, MultiObserver, RequestTimings
 from serving.errors import EngineError
-from serving.metrics import ServerMetrics
+from serving.metrics import GpuCollector, ServerMetrics
 from serving.statistics import ModelStatistics
 from tests.fakes import FailingEngine, FakeEngine, batching_config
 
@@ -198,3 +199,67 @@ def test_a_broken_pending_callback_does_not_break_the_scrape():
     _, samples = scrape(metrics)
     assert value(samples, "nv_inference_pending_request_count", model="m", version="2") == 5
     assert ("nv_inference_pending_request_count", (("model", "m"), ("version", "1"))) not in samples
+
+
+class FakeNvml:
+    """The few NVML calls GpuCollector makes, with fixed readings (two GPUs)."""
+
+    class _Rates:
+        gpu = 37
+
+    class _Memory:
+        total = 80 * 2**30
+        used = 3 * 2**30
+
+    def nvmlDeviceGetUUID(self, handle):
+        return f"GPU-{handle}".encode() if handle == 0 else f"GPU-{handle}"
+
+    def nvmlDeviceGetUtilizationRates(self, handle):
+        return self._Rates()
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        return self._Memory()
+
+    def nvmlDeviceGetPowerUsage(self, handle):
+        if handle == 1:
+            raise RuntimeError("NVML_ERROR_NOT_SUPPORTED")
+        return 123_456  # milliwatts
+
+    def nvmlDeviceGetEnforcedPowerLimit(self, handle):
+        return 700_000
+
+
+def test_gpu_collector_converts_nvml_readings_to_tritons_metrics():
+    registry = CollectorRegistry()
+    metrics = ServerMetrics(registry, gpu=False)
+    assert metrics.gpu is None
+    registry.register(GpuCollector(FakeNvml(), [0, 1]))
+    _, samples = scrape(metrics)
+    assert value(samples, "nv_gpu_utilization", gpu_uuid="GPU-0") == 0.37
+    assert value(samples, "nv_gpu_memory_total_bytes", gpu_uuid="GPU-1") == 80 * 2**30
+    assert value(samples, "nv_gpu_memory_used_bytes", gpu_uuid="GPU-0") == 3 * 2**30
+    assert value(samples, "nv_gpu_power_usage", gpu_uuid="GPU-0") == 123.456
+    assert value(samples, "nv_gpu_power_limit", gpu_uuid="GPU-1") == 700.0
+    assert ("nv_gpu_power_usage", (("gpu_uuid", "GPU-1"),)) not in samples  # unsupported
+
+
+def test_no_gpu_metrics_without_nvml():
+    if GpuCollector.create() is not None:
+        pytest.skip("this machine has NVML and a GPU")
+    metrics = ServerMetrics()
+    assert metrics.gpu is None
+    text, _ = scrape(metrics)
+    assert "nv_gpu_" not in text
+    with pytest.raises(RuntimeError, match="NVML finds no GPU"):
+        ServerMetrics(gpu=True)
+
+
+@pytest.mark.gpu
+def test_real_gpu_metrics():
+    if GpuCollector.create() is None:
+        pytest.skip("NVML (nvidia-ml-py, the 'gpu' extra) or an NVIDIA GPU is not available")
+    metrics = ServerMetrics(gpu=True)
+    _, samples = scrape(metrics)
+    totals = [v for (name, _), v in samples.items() if name == "nv_gpu_memory_total_bytes"]
+    assert totals
+    assert all(total > 2**30 for total in totals)
