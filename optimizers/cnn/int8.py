@@ -41,6 +41,7 @@ class Int8Options:
     min_cosine: float | None = None  # optional bound on the mean output cosine to FP32
     percentile: float = 99.999
     sensitivity_samples: int = 64  # held-out samples used to rank layers (speed)
+    entropy_bins: int = 512  # histogram bins for Entropy calibration (KL search candidates)
     preprocess: bool = True
 
     def __post_init__(self) -> None:
@@ -162,9 +163,10 @@ def quantize(
         "entropy": CalibrationMethod.Entropy,
     }[method]
     extra = {"CalibPercentile": options.percentile} if method == "percentile" else {}
-    cache = None
-    if cache_dir is not None:
-        cache = cache_dir / f"calibration_{method}.json"
+    cache_dir = cache_dir or dest.parent
+    cache = cache_dir / f"calibration_{method}.json"
+    if method == "entropy" and not cache.exists():
+        entropy_ranges(source, calibration, cache, options.entropy_bins)
     quantize_static(
         str(source),
         str(dest),
@@ -176,10 +178,42 @@ def quantize(
         calibrate_method=calib,
         nodes_to_exclude=list(exclude),
         nodes_to_quantize=list(only) or None,
-        calibration_cache_path=str(cache) if cache else None,
+        calibration_cache_path=str(cache),
         extra_options=extra,
     )
     return dest
+
+
+def entropy_ranges(
+    source: Path, calibration: Sequence[dict[str, np.ndarray]], cache: Path, bins: int
+) -> None:
+    """Entropy (KL) calibration with a usable histogram, saved as ``quantize_static``'s cache.
+
+    ``quantize_static`` builds its Entropy calibrator with 128 histogram bins and 128 quantized
+    bins, which leaves the KL search a single candidate (the full min/max range), so Entropy
+    silently equals MinMax. ORT's own calibrator with ``num_bins > num_quantized_bins`` does
+    the real search; its ranges are written where ``quantize_static`` reads its cache.
+    """
+    import tempfile
+
+    from onnxruntime.quantization.calibrate import (
+        CalibrationMethod,
+        create_calibrator,
+        save_tensors_data,
+    )
+
+    with tempfile.TemporaryDirectory(prefix="cnn_entropy_") as tmp:
+        calibrator = create_calibrator(
+            Path(source),
+            [],
+            augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+            calibrate_method=CalibrationMethod.Entropy,
+            extra_options={"num_bins": bins, "num_quantized_bins": 128},
+        )
+        calibrator.collect_data(_Reader(calibration))
+        ranges = calibrator.compute_data()
+        del calibrator
+    save_tensors_data(ranges, cache)
 
 
 def quantizable_nodes(model: onnx.ModelProto) -> list[str]:

@@ -88,3 +88,27 @@ def test_options_name_the_bad_field():
         int8.Int8Options(methods=("kl",))
     with pytest.raises(ValueError, match="activation_type"):
         int8.Int8Options(activation_type="int4")
+
+
+def test_entropy_calibration_really_searches_thresholds(digits_model, calibration, tmp_path):
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    options = int8.Int8Options(methods=("minmax", "entropy"))
+    for method in options.methods:
+        int8.quantize(
+            digits_model,
+            tmp_path / f"{method}.onnx",
+            calibration,
+            method,
+            options,
+            cache_dir=tmp_path,
+        )
+    minmax = load_tensors_data(tmp_path / "calibration_minmax.json")
+    entropy = load_tensors_data(tmp_path / "calibration_entropy.json")
+
+    def width(data, name):
+        low, high = data[name].range_value
+        return float(np.asarray(high).max() - np.asarray(low).min())
+
+    narrower = [n for n in minmax if width(entropy, n) < 0.99 * width(minmax, n)]
+    assert narrower, "entropy calibration returned the min/max range for every tensor"
