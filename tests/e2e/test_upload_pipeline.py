@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
 import time
 import zipfile
 from collections.abc import Callable
@@ -207,3 +208,62 @@ def test_archive_and_torch_export_uploads(
             with torch.no_grad():
                 expected = net(torch.from_numpy(x)).numpy()
         assert cosine(got, expected).min() >= 0.99, name
+
+
+def tiny_bert_archive(tmp_path: Path) -> tuple[bytes, Any]:
+    """A 2-layer BERT as a Hugging Face folder (config.json + model.safetensors), tar.gz."""
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model = BertModel(config).eval()
+    folder = tmp_path / "tiny-bert"
+    model.save_pretrained(str(folder), safe_serialization=True)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        archive.add(folder, arcname="tiny-bert")
+    return buffer.getvalue(), model
+
+
+@pytest.mark.slow
+def test_hugging_face_checkpoint_upload(
+    tmp_path: Path, start_server: Callable[..., RemoteServer]
+) -> None:
+    repo = basic_repository(tmp_path / "repository")
+    server = start_server(repo, env={"SLIMSERVE_JOBS_DIR": str(tmp_path / "jobs")})
+    archive, model = tiny_bert_archive(tmp_path)
+    response = upload(
+        server,
+        ("tiny-bert.tar.gz", archive),
+        {"name": "tiny_bert", "batch_size": 2, "seq_len": 16, "time_budget_s": 300},
+    )
+    assert response.status_code == 202, response.text
+    job = wait_job(server, response.json()["url"], timeout_s=400)
+    assert job["state"] == "succeeded", (job["error"], job["log_tail"])
+    assert job["source"]["kind"] == "hf"
+    client = server.client()
+    metadata = client.get_model_metadata("tiny_bert")
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 100, size=(2, 16), dtype=np.int64)
+    feeds = {
+        "input_ids": ids,
+        "attention_mask": np.ones_like(ids),
+        "token_type_ids": np.zeros_like(ids),
+    }
+    inputs = []
+    for spec in metadata["inputs"]:
+        array = feeds[spec["name"]].astype(np.int32 if spec["datatype"] == "INT32" else np.int64)
+        inputs.append(infer_input(spec["name"], array))
+    output = metadata["outputs"][0]["name"]
+    got = client.infer("tiny_bert", inputs).as_numpy(output)
+    with torch.no_grad():
+        expected = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state
+    assert got.shape == tuple(expected.shape)
+    assert cosine(got.reshape(-1, 32), expected.numpy().reshape(-1, 32)).min() >= 0.99
