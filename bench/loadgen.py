@@ -28,6 +28,7 @@ class LoadResult:
     p90_ms: float
     p99_ms: float
     first_error: str = ""
+    completed: int = 0  # all responses of the run, warm-up and drain included
 
     @property
     def throughput(self) -> float:
@@ -56,32 +57,50 @@ async def _load(
     timeout = aiohttp.ClientTimeout(total=60)
     latencies: list[float] = []
     errors = 0
+    completed = 0  # every response, warm-up and drain included
     first_error = ""
     async with aiohttp.ClientSession(
         connector=connector, timeout=timeout, auto_decompress=False
     ) as session:
         start = time.perf_counter()
-        measure_from = start + warmup_s
-        end = measure_from + duration_s
+        # The window opens once every caller has had an answer (steady state; with many
+        # callers on a slow model the first answers take a while) and warmup_s has passed.
+        window = {"from": float("inf"), "end": float("inf")}
+        warmed = 0
+
+        def open_window(now: float) -> None:
+            window["from"] = max(now, start + warmup_s)
+            window["end"] = window["from"] + duration_s
 
         async def caller() -> None:
-            nonlocal errors, first_error
+            nonlocal errors, first_error, completed, warmed
+            first = True
             while True:
                 sent = time.perf_counter()
-                if sent >= end:
+                if sent >= window["end"]:
                     return
+                if first and sent - start > 120:  # never warmed up: measure anyway
+                    open_window(sent)
                 async with session.post(url, data=body, headers=headers) as response:
                     payload = await response.read()
                     status = response.status
                 done = time.perf_counter()
-                if sent >= measure_from:
+                completed += 1
+                if first:
+                    first = False
+                    warmed += 1
+                    if warmed == concurrency:
+                        open_window(done)
+                # the rate counts what completes inside the window, so neither the warm-up
+                # nor the tail that drains after it (long with many callers) dilutes it
+                if window["from"] <= done <= window["end"]:
                     latencies.append(done - sent)
                     if status != 200:
                         errors += 1
                         first_error = first_error or f"{status}: {payload[:200]!r}"
 
         await asyncio.gather(*(caller() for _ in range(concurrency)))
-        seconds = time.perf_counter() - measure_from
+        seconds = duration_s
     ms = [x * 1000 for x in latencies]
     return LoadResult(
         concurrency=concurrency,
@@ -92,6 +111,7 @@ async def _load(
         p90_ms=percentile(ms, 90),
         p99_ms=percentile(ms, 99),
         first_error=first_error,
+        completed=completed,
     )
 
 
