@@ -87,8 +87,8 @@ class _Budget:
         self.members += 1
         if self.members > self.limits.max_members:
             raise PayloadTooLarge(
-                f"archive has more than {self.limits.max_members} members "
-                "(limit: archive_max_members)"
+                f"archive has more than {self.limits.max_members} members (the limit for one "
+                "upload)"
             )
 
     def declare(self, size: int) -> None:
@@ -100,8 +100,8 @@ class _Budget:
         self.bytes += count
         if self.bytes > self.limits.max_total_bytes:
             raise PayloadTooLarge(
-                f"archive unpacks to more than {self.limits.max_total_bytes} bytes "
-                "(limit: archive_max_bytes)"
+                f"archive unpacks to more than {self.limits.max_total_bytes} bytes (the limit "
+                "for one upload: 4x SLIMSERVE_MAX_UPLOAD_BYTES)"
             )
 
 

@@ -146,6 +146,15 @@ class _FormReceiver:
         self._file = None
         self._text = None
 
+    @property
+    def in_part(self) -> bool:
+        """Whether a part was begun but not ended."""
+        return self._file is not None or self._text is not None
+
+    @property
+    def current(self) -> str:
+        return self._name or "?"
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
@@ -199,7 +208,12 @@ async def receive_upload(
         if isinstance(exc, InvalidInput | PayloadTooLarge):
             raise
         raise InvalidInput(f"malformed multipart body: {exc}") from None
+    truncated = receiver.in_part
     receiver.close()
+    if truncated:
+        raise InvalidInput(
+            f"the upload ended in the middle of form part '{receiver.current}' (body truncated?)"
+        )
     if "model" not in receiver.form.files:
         raise InvalidInput("the upload has no 'model' file part")
     return receiver.form

@@ -97,3 +97,9 @@ def test_file_suffixes() -> None:
     assert upload_suffix("C:\\models\\a.ONNX") == ".onnx"
     assert upload_suffix("../../etc/passwd") == ""
     assert upload_suffix("x.$(rm)") == ""
+
+
+def test_truncated_body_names_the_unfinished_part(tmp_path: Path) -> None:
+    body, ctype = multipart({"request": "{}"}, {"model": ("m.onnx", bytes(1000))})
+    with pytest.raises(InvalidInput, match="middle of form part 'model'"):
+        receive(body[:-200], ctype, tmp_path / "up", max_bytes=1 << 20)

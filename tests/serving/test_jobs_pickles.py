@@ -109,6 +109,7 @@ def test_pickled_weights_and_custom_objects_are_checked(pt2: Path, tmp_path: Pat
         check_pt2(custom)
 
 
+@pytest.mark.slow
 def test_worker_torch_load_is_weights_only(pt2: Path, tmp_path: Path) -> None:
     """Defence in depth: even a .pt2 that got past the check cannot run code in the worker."""
     marker = tmp_path / "PWNED"
