@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -68,6 +68,9 @@ class Distill(Pass):
     applies_to = frozenset({"transformer", "cnn"})
     helps = frozenset({"cpu", "cuda", "tensorrt"})
     input_kind = "onnx"
+    opt_in: ClassVar[bool] = True
+    """Runs minutes and needs user data: only when the request's ``allow`` names it (the
+    search honours this once ``build_chains`` reads ``opt_in``)."""
     Config = DistillConfig
 
     def requires(self, artifact: Artifact, ctx: PassContext) -> None:
@@ -134,7 +137,7 @@ class Distill(Pass):
         cache_s = time.monotonic() - started
         log = train(
             task,
-            lr=cfg.lr,
+            lr=cfg.learning_rate(artifact.family),
             weight_decay=cfg.weight_decay,
             warmup_steps=cfg.warmup_steps,
             eval_every=cfg.eval_every,
@@ -221,7 +224,7 @@ class Distill(Pass):
         )
         log = train(
             task,
-            lr=cfg.lr,
+            lr=cfg.learning_rate(artifact.family),
             weight_decay=cfg.weight_decay,
             warmup_steps=cfg.warmup_steps,
             eval_every=cfg.eval_every,
