@@ -69,3 +69,22 @@ def test_startup_models_need_explicit_mode() -> None:
     with pytest.raises(ValidationError, match="only applies to model_control_mode 'explicit'"):
         Settings(startup_models=["a"], model_control_mode="poll")
     assert Settings(startup_models=["a"], model_control_mode="explicit").startup_models == ["a"]
+
+
+def test_cli_rejects_inconsistent_options(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from serving.cli import app
+
+    def flat(text: str) -> str:  # rich wraps errors in a box
+        return "".join(ch for ch in text if ch not in "│╭╮╰╯─ \n")
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["serve", "--repository", str(tmp_path), "--load-model", "m"])
+    assert result.exit_code == 2
+    assert flat("only applies to model_control_mode 'explicit'") in flat(result.output)
+    result = runner.invoke(app, ["serve", "--model-control-mode", "sometimes"])
+    assert result.exit_code == 2
+    assert "model_control_mode" in flat(result.output)
+    help_text = runner.invoke(app, ["serve", "--help"]).output
+    assert "--model-control-mode" in help_text
