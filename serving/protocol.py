@@ -516,16 +516,29 @@ def _decode_json_data(
             f"input '{name}': {datatype} data holds non-numeric (or out of range) values"
         )
     if dtype.itemsize < 8 and (kind == "f" or dtype.itemsize == 2):
-        _check_float_range(inferred, name, datatype, float(np.finfo(dtype).max))
+        limit = _FLOAT_MAX[datatype]
+        if not _surely_in_range(data, inferred, limit):
+            _check_float_range(inferred, name, datatype, limit)
     result = inferred.astype(dtype, copy=False)
     return result.reshape(shape)
 
 
+_FLOAT_MAX = {"FP16": float(np.finfo(np.float16).max), "FP32": float(np.finfo(np.float32).max)}
+
+
+def _surely_in_range(data: list, values: np.ndarray, limit: float) -> bool:
+    """A cheap test that every value is within +-limit (False: check precisely).
+
+    Small flat lists: Python's min/max, cheaper than numpy's per-call overhead (they skip
+    NaN unless it comes first, and inf fails the test). Otherwise the peak magnitude.
+    """
+    if values.ndim == 1 and len(data) <= 256:
+        return -limit <= min(data) and max(data) <= limit
+    return bool(np.abs(values).max() <= limit)
+
+
 def _check_float_range(values: np.ndarray, name: str, datatype: str, limit: float) -> None:
     """Refuse finite values beyond the float type's range (they would become inf)."""
-    peak = np.abs(values).max()
-    if peak <= limit:  # the common case; False for NaN and inf, checked below
-        return
     finite = values[np.isfinite(values)]
     if finite.size and np.abs(finite).max() > limit:
         value = finite[np.abs(finite) > limit][0]

@@ -256,6 +256,31 @@ def test_nested_json_data_matching_the_shape_is_accepted():
     assert request.inputs[2].data.dtype == np.uint64
 
 
+@pytest.mark.parametrize("size", [4, 300])
+def test_float_range_is_checked_for_small_large_and_nested_data(size):
+    values = [0.5] * size
+    values[-1] = -1e39
+    flat = {"inputs": [tensor(datatype="FP32", shape=[size], data=values)]}
+    with pytest.raises(InvalidInput, match="-1e\\+39 overflows FP32"):
+        decode(json_body(flat))
+    half = size // 2
+    rows = [values[:half], values[half:]]
+    nested = {"inputs": [tensor(datatype="FP32", shape=[2, half], data=rows)]}
+    with pytest.raises(InvalidInput, match="overflows FP32"):
+        decode(json_body(nested))
+    values[-1] = 65504.0  # FP16's largest value fits, one more does not
+    assert decode(json_body({"inputs": [tensor(datatype="FP16", shape=[size], data=values)]}))
+    values[-1] = 65520.0
+    with pytest.raises(InvalidInput, match="overflows FP16"):
+        decode(json_body({"inputs": [tensor(datatype="FP16", shape=[size], data=values)]}))
+    # non-finite values are allowed in float types, next to large finite ones
+    big = [3e38] * (size - 1) + [float("inf")]
+    body = json.dumps({"inputs": [tensor(datatype="FP32", shape=[size], data=big)]})
+    got = decode(body.encode()).inputs[0].data
+    assert np.isinf(got[-1])
+    assert got[0] == np.float32(3e38)
+
+
 def test_empty_tensor():
     doc = {"inputs": [{"name": "x", "datatype": "INT32", "shape": [0, 4], "data": []}]}
     assert decode(json_body(doc)).inputs[0].data.shape == (0, 4)
