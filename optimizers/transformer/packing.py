@@ -1,0 +1,97 @@
+"""Padding removal (ByteDance effective_transformer style) that runs on ONNX Runtime's CPU provider.
+
+``PackedEncoder`` gathers the real tokens of a padded batch into one ``[T, hidden]`` tensor
+(``T`` = number of real tokens, data-dependent in the exported graph); every dense part of
+every layer (Q/K/V and output projections, FFN, LayerNorms) runs on that packed tensor, and
+only the attention core scatters Q/K/V back to ``[B, S, ...]`` to run per sequence with the
+padding masked. The last hidden state is scattered back (padding rows are zero) and
+mean-pooled. ORT's own packing mode (RemovePadding / PackedAttention) has no CPU kernel.
+
+``bucket_by_length`` is the server-side half: group requests of similar length so each
+batch pads little.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from optimizers.transformer.encoder import SlimEncoder, key_bias, mean_pool
+
+
+class PackedEncoder(nn.Module):
+    """``(input_ids, attention_mask) -> (last_hidden_state, embedding)`` without padding compute."""
+
+    def __init__(self, encoder: SlimEncoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        enc = self.encoder
+        b, s = input_ids.shape[0], input_ids.shape[1]
+        mask = attention_mask.to(torch.long)
+        idx = torch.nonzero(mask.reshape(-1)).squeeze(1)  # [T] positions of real tokens
+        ids = input_ids.reshape(-1)[idx]
+        pos = enc.embeddings.position_ids(mask).reshape(-1)[idx]
+        h = enc.embeddings(ids, pos, None)  # [T, hidden]
+        bias = key_bias(mask)
+        for layer in enc.layers:
+            if layer.heads > 0:
+                width = layer.heads * layer.head_dim
+                q, k, v = layer.project_qkv(h)
+                qkv = torch.cat([q, k, v], dim=1)
+                padded = torch.zeros(b * s, 3 * width, dtype=h.dtype)
+                padded = padded.index_put((idx,), qkv).reshape(b, s, 3 * width)
+                qp, kp, vp = torch.split(padded, width, dim=2)
+                ctx, _ = layer.attend(qp, kp, vp, bias)
+                h = layer.attention_out(ctx.reshape(b * s, width)[idx], h)
+            else:
+                h = layer.attention_out(None, h)
+            h = layer.feed_forward(h)
+        hidden = h.shape[1]
+        out = torch.zeros(b * s, hidden, dtype=h.dtype).index_put((idx,), h).reshape(b, s, hidden)
+        return out, mean_pool(out, mask)
+
+
+def bucket_by_length(lengths: Sequence[int], max_batch: int) -> list[list[int]]:
+    """Group request indices into as few batches of at most ``max_batch`` as possible, similar
+    lengths together, so the padded tokens (``size * longest`` summed over batches) are minimal.
+
+    Sorts by length and splits the sorted order optimally (dynamic programming over split
+    points with the batch count fixed at ``ceil(n / max_batch)``). Each batch lists indices
+    into ``lengths``, shortest first.
+    """
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    n = len(lengths)
+    if n == 0:
+        return []
+    order = sorted(range(n), key=lambda i: (lengths[i], i))
+    srt = [lengths[i] for i in order]
+    groups = -(-n // max_batch)
+    inf = float("inf")
+    # cost[g][i]: min padded tokens covering the first i sorted items with g batches
+    cost = [[inf] * (n + 1) for _ in range(groups + 1)]
+    back = [[0] * (n + 1) for _ in range(groups + 1)]
+    cost[0][0] = 0.0
+    for g in range(1, groups + 1):
+        for i in range(1, n + 1):
+            for j in range(max(0, i - max_batch), i):
+                if cost[g - 1][j] == inf:
+                    continue
+                c = cost[g - 1][j] + (i - j) * srt[i - 1]
+                if c < cost[g][i]:
+                    cost[g][i], back[g][i] = c, j
+    bounds, i = [], n
+    for g in range(groups, 0, -1):
+        j = back[g][i]
+        bounds.append((j, i))
+        i = j
+    return [[order[k] for k in range(j, i)] for j, i in reversed(bounds) if i > j]
+
+
+def padded_tokens(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> int:
+    """Tokens computed when each batch is padded to its longest member."""
+    return sum(len(b) * max(lengths[i] for i in b) for b in batches if b)

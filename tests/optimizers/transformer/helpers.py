@@ -1,0 +1,27 @@
+"""Small real inputs for the transformer technique tests."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from optimizers.transformer.encoder import SlimEncoder, random_encoder
+
+
+def tiny_encoder(seed: int = 0, layers: int = 2) -> SlimEncoder:
+    """A random-init 2-layer BERT-style encoder (hidden 64, 4 heads, FFN 128)."""
+    return random_encoder(layers=layers, seed=seed)
+
+
+def random_batches(n: int, batch: int, max_len: int, seed: int = 0, vocab: int = 200,
+                   min_len: int = 4) -> list[dict[str, np.ndarray]]:
+    """``n`` batches of random token ids with random lengths (padded with 0, mask 0)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        lengths = rng.integers(min_len, max_len + 1, size=batch)
+        width = int(lengths.max())
+        ids = rng.integers(1, vocab, size=(batch, width)).astype(np.int64)
+        mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+        ids[mask == 0] = 0
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
