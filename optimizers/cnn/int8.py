@@ -42,6 +42,7 @@ class Int8Options:
     percentile: float = 99.999
     sensitivity_samples: int = 64  # held-out samples used to rank layers (speed)
     entropy_bins: int = 512  # histogram bins for Entropy calibration (KL search candidates)
+    op_types: tuple[str, ...] | None = None  # None: every op ORT can quantize (Add, pools ...)
     preprocess: bool = True
 
     def __post_init__(self) -> None:
@@ -178,6 +179,7 @@ def quantize(
         calibrate_method=calib,
         nodes_to_exclude=list(exclude),
         nodes_to_quantize=list(only) or None,
+        op_types_to_quantize=list(options.op_types) if options.op_types else None,
         calibration_cache_path=str(cache),
         extra_options=extra,
     )
