@@ -212,6 +212,16 @@ class JobManager:
                 await asyncio.wait_for(asyncio.shield(task), self.cancel_grace_s + 15)
         return record
 
+    async def purge(self, job_id: str) -> JobRecord:
+        """Cancel the job if it is still active, then delete its record and files."""
+        record = self.store.get(job_id)
+        if not record.done:
+            await self.cancel(job_id)
+        if not record.done or job_id in self._running:
+            raise Conflict(f"job '{job_id}' is still stopping; try again in a moment")
+        await asyncio.to_thread(self.store.remove, job_id)
+        return record
+
     # -- running -----------------------------------------------------------------------
     def _dispatch(self) -> None:
         while not self._stopping and self._queue and len(self._running) < self.max_concurrent:
@@ -243,40 +253,48 @@ class JobManager:
         }
 
     async def _run(self, job_id: str) -> None:
+        """Run one job to its end; the record turns final only after the cleanup."""
         record = self.store.get(job_id)
-        job_dir = self.store.job_dir(job_id)
-        worker: WorkerProcess | None = None
+        holder: list[WorkerProcess] = []
+        interrupted = False
         try:
-            shutil.rmtree(job_dir / "work", ignore_errors=True)
-            worker = WorkerProcess(job_dir, self._spec(record, job_dir))
-            record.worker_pid = await asyncio.to_thread(worker.start)
-            record.state, record.stage, record.started_at = "running", "starting", time.time()
-            self.store.save(record)
-            outcome_state, error = await self._supervise(record, worker)
-            if outcome_state != "succeeded":
-                self._finish(record, outcome_state, error)
-                return
-            result = worker.outcome(0).result
-            assert result is not None
-            await self._publish(record, result)
+            state, error = await self._attempt(record, holder)
         except asyncio.CancelledError:
-            if worker is not None:
-                await asyncio.to_thread(worker.kill)
-            if not record.done:
-                self._finish(
-                    record, "failed", "server shut down while the job was running; submit again"
-                )
-            raise
+            interrupted = True
+            state, error = "failed", "server shut down while the job was running; submit again"
         except Exception as exc:
             logger.exception("job %s failed", job_id)
-            if worker is not None:
-                await asyncio.to_thread(worker.kill)
-            if not record.done:
-                self._finish(record, "failed", f"{type(exc).__name__}: {exc}")
+            state, error = "failed", f"{type(exc).__name__}: {exc}"
+        try:
+            if holder and holder[0].poll() is None:
+                await asyncio.to_thread(holder[0].kill)
+            await asyncio.to_thread(self._remove_scratch, job_id, upload=state == "succeeded")
         finally:
+            self._finish(record, state, error)
             self._running.pop(job_id, None)
             self._cancel_requested.discard(job_id)
             self._dispatch()
+        if interrupted:
+            raise asyncio.CancelledError
+
+    async def _attempt(
+        self, record: JobRecord, holder: list[WorkerProcess]
+    ) -> tuple[str, str | None]:
+        """Start the worker, watch it, publish its result; returns (final state, error)."""
+        job_dir = self.store.job_dir(record.id)
+        await asyncio.to_thread(shutil.rmtree, job_dir / "work", True)
+        worker = WorkerProcess(job_dir, self._spec(record, job_dir))
+        holder.append(worker)
+        record.worker_pid = await asyncio.to_thread(worker.start)
+        record.state, record.stage, record.started_at = "running", "starting", time.time()
+        self.store.save(record)
+        state, error = await self._supervise(record, worker)
+        if state != "succeeded":
+            return state, error
+        result = worker.outcome(0).result
+        if result is None:
+            return "failed", "the worker reported success but wrote no result"
+        return await self._publish(record, result)
 
     def _budget(self, record: JobRecord) -> float:
         budget = record.request.get("time_budget_s") or self.max_job_seconds
@@ -343,7 +361,8 @@ class JobManager:
                 record.passes_total = int(counted.group(2))
         return bool(events)
 
-    async def _publish(self, record: JobRecord, result: dict[str, Any]) -> None:
+    async def _publish(self, record: JobRecord, result: dict[str, Any]) -> tuple[str, str | None]:
+        """Publish the result and reload the model; on failure take the versions back."""
         record.stage, record.message = "publishing", "publishing the optimized model"
         self.store.save(record)
         async with self._publish_lock:
@@ -352,8 +371,7 @@ class JobManager:
                     publish_result, self.repository, record.model, result, job_id=record.id
                 )
             except SlimServeError as exc:
-                self._finish(record, "failed", f"publishing failed: {exc}")
-                return
+                return "failed", f"publishing failed: {exc}"
             if self.reload is not None:
                 try:
                     await self.reload(record.model)
@@ -362,13 +380,10 @@ class JobManager:
                     await asyncio.to_thread(rollback, self.repository, published)
                     with contextlib.suppress(Exception):
                         await self.reload(record.model)
-                    self._finish(
-                        record,
-                        "failed",
+                    return "failed", (
                         f"the optimized version did not load ({type(exc).__name__}: {exc}); "
-                        "it was taken out of the repository again",
+                        "it was taken out of the repository again"
                     )
-                    return
         record.published_version = published.version
         record.source_version = published.source_version
         record.report = published.report
@@ -376,11 +391,10 @@ class JobManager:
         if record.passes_total is not None:
             record.passes_done = record.passes_total
         record.stage, record.message = "done", f"published as version {published.version}"
-        self._finish(record, "succeeded")
-        await asyncio.shield(asyncio.to_thread(self._remove_inputs, record.id))
+        return "succeeded", None
 
-    def _remove_inputs(self, job_id: str) -> None:
-        """Drop a published job's upload and scratch files (kept only when a job fails)."""
+    def _remove_scratch(self, job_id: str, *, upload: bool) -> None:
+        """Drop a finished job's scratch files, and its upload once published."""
         job_dir = self.store.job_dir(job_id)
-        for folder in ("work", "upload"):
+        for folder in ("work", "upload") if upload else ("work",):
             shutil.rmtree(job_dir / folder, ignore_errors=True)

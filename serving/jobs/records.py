@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, fields
@@ -115,6 +116,12 @@ class JobStore:
     def save(self, record: JobRecord) -> None:
         path = self.job_dir(record.id) / RECORD_FILE
         atomic_write_text(path, json.dumps(record.to_dict(), indent=1, default=str))
+
+    def remove(self, job_id: str) -> None:
+        """Forget a job and delete its folder (upload, logs, record)."""
+        folder = self.job_dir(job_id)
+        self._records.pop(job_id, None)
+        shutil.rmtree(folder, ignore_errors=True)
 
     def get(self, job_id: str) -> JobRecord:
         record = self._records.get(job_id)

@@ -8,6 +8,7 @@ cancels). The paths sit beside the KServe v2 routes without clashing with them.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response, status
@@ -67,8 +68,19 @@ def job_url(job_id: str) -> str:
     return f"{router.prefix}/jobs/{job_id}"
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN/inf floats (which JSON cannot carry) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def job_view(record: JobRecord, *, full: bool = True) -> dict[str, Any]:
-    data = record.to_dict() if full else record.summary()
+    data = json_safe(record.to_dict() if full else record.summary())
     data["url"] = job_url(record.id)
     return data
 
@@ -104,6 +116,11 @@ async def get_job(job_id: str, jobs: JobsDep) -> dict[str, Any]:
 
 
 @router.delete("/jobs/{job_id}")
-async def cancel_job(job_id: str, jobs: JobsDep) -> dict[str, Any]:
-    """Cancel a queued or running job (409 when it has already finished)."""
+async def cancel_job(job_id: str, jobs: JobsDep, purge: bool = False) -> dict[str, Any]:
+    """Cancel a queued or running job (409 when it has already finished).
+
+    ``?purge=true`` also deletes the job's record, upload and logs (any state).
+    """
+    if purge:
+        return job_view(await jobs.purge(job_id))
     return job_view(await jobs.cancel(job_id))

@@ -85,6 +85,10 @@ def test_cancel_a_running_job(tmp_path: Path, start_server: Callable[..., Remote
     assert [(j["id"], j["state"]) for j in listed] == [(created["id"], "cancelled")]
     assert tree_digest(repo) == before
     serving_add_sub(server)
+    purged = httpx.delete(f"{server.url}{created['url']}?purge=true")
+    assert purged.status_code == 200, purged.text
+    assert httpx.get(f"{server.url}{created['url']}").status_code == 404
+    assert not (tmp_path / "jobs" / created["id"]).exists()
 
 
 def test_worker_killed_by_sigkill_fails_the_job_only(

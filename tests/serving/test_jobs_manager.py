@@ -192,6 +192,7 @@ def test_failed_job_changes_nothing(tmp_path: Path, fake: str, message: str) -> 
     assert tree_digest(h.repo_root) == before
     assert record.published_version is None
     assert (h.jobs_dir / record.id / "upload" / "model.onnx").is_file(), "upload kept"
+    assert not (h.jobs_dir / record.id / "work").exists(), "scratch files removed"
     assert h.reloaded == []
 
 
