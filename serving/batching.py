@@ -225,7 +225,8 @@ class DynamicBatcher:
         timeout = policy.timeout_us(timeout_us)
         if timeout:
             pending.timer = loop.call_later(timeout / 1e6, self._timed_out, pending, policy)
-        self._changed.set()
+        if self._idle:  # otherwise the next finished batch wakes the dispatcher
+            self._changed.set()
         try:
             return await pending.future
         except asyncio.CancelledError:
