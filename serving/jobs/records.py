@@ -84,8 +84,7 @@ class JobStore:
     """In-memory job records, written through to ``<root>/<id>/job.json``."""
 
     def __init__(self, root: Path) -> None:
-        self.root = Path(root).resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = Path(root).resolve()  # created with the first job, not before
         self._records: dict[str, JobRecord] = {}
 
     def job_dir(self, job_id: str) -> Path:
@@ -97,6 +96,8 @@ class JobStore:
     def load(self) -> list[JobRecord]:
         """Read every record on disk (unreadable ones are logged and skipped)."""
         self._records.clear()
+        if not self.root.is_dir():
+            return []
         for child in sorted(self.root.iterdir()):
             path = child / RECORD_FILE
             if not (child.is_dir() and valid_job_id(child.name) and path.is_file()):
