@@ -42,6 +42,14 @@ def token_importance(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return received / m.sum(1, keepdim=True).clamp(min=1.0) * m.sum(1, keepdim=True)
 
 
+def order_score(keep: torch.Tensor) -> torch.Tensor:
+    """TopK score without ties: kept tokens first, each group in original order (so the
+    first token stays at index 0 and torch and ONNX Runtime pick the same tokens)."""
+    s = keep.shape[1]
+    rank = torch.arange(s, dtype=keep.dtype)
+    return keep * s + (s - 1 - rank) / s
+
+
 class TokenPrunedEncoder(nn.Module):
     """``(input_ids, attention_mask) -> (embedding [B, H], seq_lens [L] int64)``.
 
@@ -77,7 +85,7 @@ class TokenPrunedEncoder(nn.Module):
             pooled = pooled + (h * (mask - keep).unsqueeze(-1)).sum(1)
             k_max = keep.sum(1).max()
             k = torch.nonzero(torch.arange(h.shape[1]) < k_max).shape[0]  # dynamic length
-            idx = torch.topk(keep, k, dim=1).indices
+            idx = torch.topk(order_score(keep), k, dim=1).indices
             h = torch.gather(h, 1, idx.unsqueeze(-1).expand(-1, -1, h.shape[2]))
             mask = torch.gather(keep, 1, idx)
         pooled = (pooled + (h * mask.unsqueeze(-1)).sum(1)) / count.clamp(min=1.0)
@@ -111,7 +119,7 @@ def _importances_at(encoder: SlimEncoder, thresholds: list[float | None], layer_
             first[:, 0] = 1.0
             keep = torch.maximum((imp >= thr).float() * mask, first * mask)
             k = int(keep.sum(1).max())
-            idx = torch.topk(keep, k, dim=1).indices
+            idx = torch.topk(order_score(keep), k, dim=1).indices
             h = torch.gather(h, 1, idx.unsqueeze(-1).expand(-1, -1, h.shape[2]))
             mask = torch.gather(keep, 1, idx)
     return np.concatenate(values) if values else np.zeros(0)
@@ -180,7 +188,7 @@ def kept_tokens(pruned: TokenPrunedEncoder, batches: Sequence[Batch]) -> list[fl
             first = torch.zeros_like(mask)
             first[:, 0] = 1.0
             keep = torch.maximum((imp >= thr).float() * mask, first * mask)
-            idx = torch.topk(keep, int(keep.sum(1).max()), dim=1).indices
+            idx = torch.topk(order_score(keep), int(keep.sum(1).max()), dim=1).indices
             h = torch.gather(h, 1, idx.unsqueeze(-1).expand(-1, -1, h.shape[2]))
             mask = torch.gather(keep, 1, idx)
         n += mask.shape[0]
