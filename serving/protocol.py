@@ -800,9 +800,16 @@ def _output_json(array: np.ndarray, name: str, datatype: str) -> Any:
                 f"output '{name}' holds bytes that are not UTF-8 and cannot go in JSON; "
                 "request it with binary_data: true"
             ) from None
+    if flat.dtype not in _ORJSON_DTYPES:
+        return flat.tolist()
+    # orjson writes NaN/Inf as null; tritonclient reads NaN/Infinity literals, which only
+    # Python's json writes. Small arrays: look for null in orjson's output (cheaper than
+    # numpy calls); large ones: one isfinite pass, then orjson serializes inside the body.
+    if flat.size <= 1024:
+        encoded = orjson.dumps(np.ascontiguousarray(flat), option=_ORJSON_NUMPY)
+        if flat.dtype.kind == "f" and b"null" in encoded:
+            encoded = json.dumps(flat.tolist()).encode()
+        return orjson.Fragment(encoded)
     if flat.dtype.kind == "f" and not np.isfinite(flat).all():
-        # orjson writes NaN/Inf as null; tritonclient reads NaN/Infinity literals.
         return orjson.Fragment(json.dumps(flat.tolist()).encode())
-    if flat.dtype in _ORJSON_DTYPES:
-        return np.ascontiguousarray(flat)
-    return flat.tolist()
+    return np.ascontiguousarray(flat)

@@ -210,6 +210,18 @@ def test_all_outputs_follow_binary_data_output_parameter():
     assert result.get_output("y")["data"] == y.tolist()
 
 
+@pytest.mark.parametrize("size", [4, 3000])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_non_finite_float_outputs_survive_json(size, dtype):
+    values = RNG.standard_normal(size).astype(dtype)
+    values[:3] = [np.nan, np.inf, -np.inf]
+    request = InferenceRequest(None, [], [OutputRequest("y", False), OutputRequest("z", False)])
+    finite = values[3:].copy()
+    result, _ = roundtrip_response(request, {"y": values, "z": finite})
+    np.testing.assert_array_equal(result.as_numpy("y"), values)
+    np.testing.assert_array_equal(result.as_numpy("z"), finite)
+
+
 def test_non_finite_floats_survive_json_both_ways():
     values = np.array([np.nan, np.inf, -np.inf, 1.5], dtype=np.float32)
     request = InferenceRequest(None, [], [OutputRequest("y", False)])
