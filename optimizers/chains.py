@@ -16,6 +16,8 @@ _FUSE = ("ort_transformer_optimize", {})
 _GRAPH = ("ort_graph_optimize", {})
 _DYN = ("quantize_dynamic", {})
 _STATIC = ("quantize_static", {})
+_STATIC_PCT = ("quantize_static", {"calibrate_method": "percentile"})
+_STATIC_ENT = ("quantize_static", {"calibrate_method": "entropy"})
 _FP16 = ("fp16", {})
 _LOWRANK = ("lowrank", {})
 
@@ -44,6 +46,8 @@ DEFAULT_CHAINS: dict[str, dict[str, list[list[Step]]]] = {
             [_DYN],
             [_GRAPH, _DYN],
             [_STATIC],
+            [_STATIC_PCT],
+            [_STATIC_ENT],
             [_FP16],
             [_LOWRANK],
             [_LOWRANK, _DYN],

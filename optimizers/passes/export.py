@@ -193,10 +193,13 @@ class Export(Pass):
                 shapes = None
                 if dynamic_axes:
                     dim = torch.export.Dim.DYNAMIC
-                    shapes = tuple(
-                        dict.fromkeys(dynamic_axes.get(name, {}), dim) or None
-                        for name in names
-                    )
+                    # the wrapper takes ``*args``: its dynamic shapes nest under "args"
+                    shapes = {
+                        "args": tuple(
+                            dict.fromkeys(dynamic_axes.get(name, {}), dim) or None
+                            for name in names
+                        )
+                    }
                 onnx_program = torch.onnx.export(
                     module,
                     tensors,

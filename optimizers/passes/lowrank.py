@@ -69,6 +69,7 @@ class LowRank(Pass):
                 uses[name] = uses.get(name, 0) + 1
         new_nodes: list[onnx.NodeProto] = []
         self._new_inits: list[onnx.TensorProto] = []
+        self._skipped: list[dict[str, Any]] = []
         factors: list[dict[str, Any]] = []
         params_before = params_after = 0
         for node in graph.node:
@@ -80,7 +81,11 @@ class LowRank(Pass):
             params_before += before
             params_after += after
         if not factors:
-            report = {"factorized": [], "reason": "no weight benefits at this threshold"}
+            report = {
+                "factorized": [],
+                "reason": "no weight benefits at this threshold",
+                "not_worth_it": self._skipped[:50],
+            }
             return PassResult(artifact, False, report)
         for info in factors:
             weight = info["weight"]
@@ -134,12 +139,15 @@ class LowRank(Pass):
         rows, cols = weight.shape
         if rows * cols < self.config.min_elements:
             return None
-        u, s, vt = np.linalg.svd(weight, full_matrices=False)
-        rank = choose_rank(s, self.config.energy, self.config.max_error)
+        # singular values first (cheap): most trained weights need too high a rank to gain
+        singular = np.linalg.svd(weight.astype(np.float32), compute_uv=False)
+        rank = choose_rank(singular, self.config.energy, self.config.max_error)
         multiple = max(1, self.config.rank_multiple)
-        rank = min(len(s), -(-rank // multiple) * multiple)
+        rank = min(len(singular), -(-rank // multiple) * multiple)
         if rank * (rows + cols) > self.config.max_param_ratio * rows * cols:
+            self._skipped.append({"node": node.name, "shape": [rows, cols], "rank_needed": rank})
             return None
+        u, s, vt = np.linalg.svd(weight, full_matrices=False)
         alpha = float(attrs.get("alpha", 1.0)) if node.op_type == "Gemm" else 1.0
         first = (u[:, :rank] * s[:rank] * alpha).astype(np.float32)
         second = vt[:rank].astype(np.float32)

@@ -184,10 +184,13 @@ def test_export_auto_falls_back_to_legacy_when_fusion_fails(exported_bert) -> No
     _loaded, result = exported_bert
     attempts = result.report["attempts"]
     assert attempts[0]["exporter"] == "dynamo"
-    # the dynamo graph does not fuse attention here; the legacy graph does
-    assert attempts[0].get("attention_fused") is not True
-    assert result.report["exporter"] == "legacy"
-    assert attempts[-1]["attention_fused"] is True
+    assert "error" not in attempts[0]  # dynamic batch/sequence shapes export
+    if attempts[0]["attention_fused"]:  # a future torch/ORT may fix the trap
+        assert result.report["exporter"] == "dynamo"
+    else:  # torch 2.13 / ORT 1.31: the dynamo graph defeats the Attention fusion
+        assert result.report["exporter"] == "legacy"
+        assert attempts[1]["attention_fused"] is True
+        assert attempts[1]["fused_operators"]["Attention"] == 2
     assert result.report["parity_max_abs_error"] < 1e-3
 
 

