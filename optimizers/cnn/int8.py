@@ -33,13 +33,13 @@ class Int8Options:
 
     methods: tuple[str, ...] = METHODS
     per_channel: bool = True
-    activation_type: str = "int8"  # "int8" (S8S8) or "uint8" (U8S8)
+    activation_type: str = "uint8"  # "uint8" (U8S8, x86 VNNI's fast path) or "int8" (S8S8)
     max_accuracy_drop: float = 0.01  # fraction, when labels are given
     min_agreement: float = 0.99  # top-1 agreement with FP32, when they are not
     max_excluded: int = 6
     max_mse: float | None = None  # optional bound on the output MSE relative to FP32's
     min_cosine: float | None = None  # optional bound on the mean output cosine to FP32
-    percentile: float = 99.999
+    percentile: float = 99.99
     sensitivity_samples: int = 64  # held-out samples used to rank layers (speed)
     entropy_bins: int = 512  # histogram bins for Entropy calibration (KL search candidates)
     op_types: tuple[str, ...] | None = None  # None: every op ORT can quantize (Add, pools ...)

@@ -25,7 +25,7 @@ class CnnStaticInt8(Pass):
     class Config:
         methods: tuple[str, ...] = int8.METHODS
         per_channel: bool = True
-        activation_type: str = "int8"
+        activation_type: str = "uint8"
         max_accuracy_drop: float = 0.01
         min_agreement: float = 0.99
         max_excluded: int = 6
