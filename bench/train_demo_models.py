@@ -1,6 +1,7 @@
 """Train the two demo models shipped in ``model_repository/`` and write them there.
 
-Run: ``.venv/bin/python bench/train_demo_models.py`` (about 20 s on 2 CPU cores).
+Run: ``.venv/bin/python bench/train_demo_models.py`` (about 20 s on 2 CPU cores);
+``--repository DIR --data DIR`` write somewhere else (the tests do).
 
 * ``digits_cnn`` — a small convolutional classifier trained on scikit-learn's bundled 8x8
   handwritten digits (1,797 images). Input ``input`` FP32 ``[-1, 1, 8, 8]`` with raw pixel
@@ -22,6 +23,7 @@ so a rerun trains the same models.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import warnings
 from pathlib import Path
@@ -49,6 +51,8 @@ WINE_CLASSES = ["class_0", "class_1", "class_2"]
 
 
 def _seed(seed: int = SEED) -> None:
+    # One thread: the models are tiny, and OpenMP spin-waiting on a busy machine is 10x slower.
+    torch.set_num_threads(1)
     torch.manual_seed(seed)
     np.random.seed(seed)
     torch.use_deterministic_algorithms(True)
@@ -122,7 +126,7 @@ def _dynamic_batching(config: ModelConfig, max_queue_delay_us: int) -> None:
     group.kind = mc.ModelInstanceGroup.KIND_CPU
 
 
-def train_digits() -> dict[str, float]:
+def train_digits(repository: Path = REPOSITORY, data: Path = DATA) -> dict[str, float]:
     """Train, export and configure ``digits_cnn``; returns its test accuracy."""
     _seed()
     digits = load_digits()
@@ -136,7 +140,7 @@ def train_digits() -> dict[str, float]:
         torch_logits = model(torch.from_numpy(x_test)).numpy()
     accuracy = _accuracy(torch_logits, y_test)
 
-    model_path = REPOSITORY / "digits_cnn" / "1" / "model.onnx"
+    model_path = repository / "digits_cnn" / "1" / "model.onnx"
     _export(model, torch.from_numpy(x_test[:2]), model_path, "input", "logits")
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     ort_logits = session.run(["logits"], {"input": x_test})[0]
@@ -154,8 +158,8 @@ def train_digits() -> dict[str, float]:
     warmup.inputs["input"].random_data = True
     write_config(model_path.parent.parent, config)
 
-    DATA.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(DATA / "digits_test.npz", x=x_test, y=y_test.astype(np.int64))
+    data.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(data / "digits_test.npz", x=x_test, y=y_test.astype(np.int64))
     return {"test_accuracy": accuracy, "max_abs_diff": max_diff, "bytes": model_path.stat().st_size}
 
 
@@ -225,7 +229,7 @@ def _wine_graph(model: WineMLP) -> onnx.ModelProto:
     return onnx_model
 
 
-def train_wine() -> dict[str, float]:
+def train_wine(repository: Path = REPOSITORY, data: Path = DATA) -> dict[str, float]:
     """Train, export and configure ``wine_mlp``; returns its test accuracy."""
     _seed()
     wine = load_wine()
@@ -241,7 +245,7 @@ def train_wine() -> dict[str, float]:
         torch_probs = torch.softmax(model(torch.from_numpy(x_test)), dim=1).numpy()
     accuracy = _accuracy(torch_probs, y_test)
 
-    model_path = REPOSITORY / "wine_mlp" / "1" / "model.onnx"
+    model_path = repository / "wine_mlp" / "1" / "model.onnx"
     model_path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(_wine_graph(model), str(model_path))
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
@@ -263,13 +267,18 @@ def train_wine() -> dict[str, float]:
     _dynamic_batching(config, max_queue_delay_us=200)
     write_config(model_path.parent.parent, config)
 
-    np.savez_compressed(DATA / "wine_test.npz", x=x_test, y=y_test.astype(np.int64))
+    data.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(data / "wine_test.npz", x=x_test, y=y_test.astype(np.int64))
     return {"test_accuracy": accuracy, "max_abs_diff": max_diff, "bytes": model_path.stat().st_size}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repository", type=Path, default=REPOSITORY, help="model repository")
+    parser.add_argument("--data", type=Path, default=DATA, help="where the test splits go")
+    args = parser.parse_args(argv)
     for name, train in (("digits_cnn", train_digits), ("wine_mlp", train_wine)):
-        stats = train()
+        stats = train(args.repository, args.data)
         print(
             f"{name}: test accuracy {stats['test_accuracy']:.4f}, "
             f"max |onnxruntime - torch| {stats['max_abs_diff']:.2e}, "

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
@@ -366,3 +369,50 @@ def test_atomic_write_keeps_old_content_on_failure(
         fileutil.atomic_write_text(target, "new")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["config.pbtxt"]
+
+
+# -- the shipped demo models ---------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_demo_models_regenerate_like_the_shipped_ones(tmp_path: Path) -> None:
+    """bench/train_demo_models.py trains, checks and writes what model_repository/ ships."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(PROJECT / "bench" / "train_demo_models.py"),
+            "--repository",
+            str(tmp_path / "repo"),
+            "--data",
+            str(tmp_path / "data"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=540,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    accuracy = {
+        name: float(value)
+        for name, value in re.findall(r"^(\w+): test accuracy ([\d.]+)", done.stdout, re.M)
+    }
+    assert accuracy["digits_cnn"] >= 0.97
+    assert accuracy["wine_mlp"] >= 0.9
+    for name in ("digits_cnn", "wine_mlp"):
+        # configs come from code, not numerics: byte-identical
+        shipped = (DEMO / name / "config.pbtxt").read_text()
+        assert (tmp_path / "repo" / name / "config.pbtxt").read_text() == shipped
+        model = tmp_path / "repo" / name / "1" / "model.onnx"
+        assert model.stat().st_size < 1024 * 1024
+        fresh, ours = onnx.load(str(model)), onnx.load(str(DEMO / name / "1" / "model.onnx"))
+        assert [i.name for i in fresh.graph.input] == [i.name for i in ours.graph.input]
+        assert [o.name for o in fresh.graph.output] == [o.name for o in ours.graph.output]
+    for split in ("digits_test.npz", "wine_test.npz"):
+        fresh, shipped = (
+            np.load(tmp_path / "data" / split),
+            np.load(PROJECT / "bench" / "data" / split),
+        )
+        np.testing.assert_array_equal(fresh["x"], shipped["x"])
+        np.testing.assert_array_equal(fresh["y"], shipped["y"])
+    entries = ModelRepository(tmp_path / "repo").scan()
+    assert all(entry.ok for entry in entries.values())
