@@ -62,6 +62,7 @@ class JobManager:
         kill_margin_s: float = 30.0,
         cancel_grace_s: float = 5.0,
         poll_interval_s: float = 0.2,
+        memory_limit_bytes: int | None = None,
     ) -> None:
         self.repository = repository
         self.store = JobStore(jobs_dir)
@@ -77,6 +78,7 @@ class JobManager:
         self.kill_margin_s = kill_margin_s
         self.cancel_grace_s = cancel_grace_s
         self.poll_interval_s = poll_interval_s
+        self.memory_limit_bytes = memory_limit_bytes
         self._queue: deque[str] = deque()
         self._running: dict[str, asyncio.Task[None]] = {}
         self._cancel_requested: set[str] = set()
@@ -250,6 +252,7 @@ class JobManager:
             "calibration": str(job_dir / calibration) if calibration else None,
             "entrypoint": self.entrypoint,
             "workdir": str(job_dir / "work"),
+            "memory_limit_bytes": self.memory_limit_bytes,
         }
 
     async def _run(self, job_id: str) -> None:

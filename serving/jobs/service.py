@@ -30,6 +30,9 @@ def manager_from_settings(settings: Any, repository: Any, reload: Any) -> JobMan
         entrypoint=entrypoint,
         max_job_seconds=float(getattr(settings, "max_job_seconds", 6 * 3600)),
         kill_margin_s=float(os.environ.get("SLIMSERVE_JOB_KILL_MARGIN_S", "30")),
+        memory_limit_bytes=getattr(settings, "job_memory_limit_bytes", None)
+        or int(os.environ.get("SLIMSERVE_JOB_MEMORY_LIMIT_BYTES", "0"))
+        or None,
     )
 
 

@@ -10,6 +10,7 @@ pipeline to stop at its next check; the worker also exits when the server proces
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
@@ -98,6 +99,20 @@ def harden_torch_load() -> None:
     torch.load = weights_only_load
 
 
+def limit_resources(memory_limit_bytes: int | None) -> None:
+    """Make this process the OOM killer's first choice, and cap its address space if asked.
+
+    With a cap, running out of memory is a ``MemoryError`` the job reports instead of a
+    kill that could also hit the server.
+    """
+    with contextlib.suppress(OSError):
+        Path("/proc/self/oom_score_adj").write_text("1000")
+    if memory_limit_bytes:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (memory_limit_bytes, memory_limit_bytes))
+
+
 def _watch_parent(parent: int) -> None:
     """Exit when the server that started us is gone (its job is failed on restart)."""
     while True:
@@ -122,6 +137,7 @@ def run(job_dir: Path) -> int:
         threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
     progress = ProgressWriter(job_dir / PROGRESS_FILE)
     try:
+        limit_resources(spec.get("memory_limit_bytes"))
         from optimizers.api import OptimizationRequest
 
         request = OptimizationRequest.from_dict(spec["request"])

@@ -108,3 +108,10 @@ def bad_platform_optimizer(source: Path, request: Any, workdir: Path, **kwargs: 
     result = copy_optimizer(source, request, workdir, **kwargs)
     result.platform = "pytorch_libtorch"
     return result
+
+
+def hungry_optimizer(source: Path, request: Any, workdir: Path, **kwargs: Any) -> Any:
+    """Allocates far more memory than the worker is allowed."""
+    kwargs["progress"]({"stage": "search", "message": "allocating", "fraction": 0.2})
+    blocks = [bytearray(256 << 20) for _ in range(64)]  # 16 GiB
+    return len(blocks)

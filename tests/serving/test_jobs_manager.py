@@ -196,6 +196,18 @@ def test_failed_job_changes_nothing(tmp_path: Path, fake: str, message: str) -> 
     assert h.reloaded == []
 
 
+def test_memory_limit_turns_an_oom_into_a_job_error(tmp_path: Path) -> None:
+    h = Harness(tmp_path, "hungry_optimizer", memory_limit_bytes=3 << 30)
+
+    async def body(h: Harness) -> JobRecord:
+        return await h.wait((await h.submit()).id)
+
+    record = run(h, body)
+    assert record.state == "failed"
+    assert "MemoryError" in record.error
+    assert not (h.repo_root / "scaled").exists()
+
+
 def test_failed_reload_takes_the_new_versions_back(tmp_path: Path) -> None:
     h = Harness(tmp_path)
     h.reload_error = RuntimeError("engine would not load")
@@ -237,6 +249,8 @@ def test_cancel_running_job(tmp_path: Path, fake: str) -> None:
         record = await h.submit()
         running = await h.wait(record.id, lambda r: r.stage == "search")
         assert running.state == "running"
+        oom_score = Path(f"/proc/{running.worker_pid}/oom_score_adj").read_text().strip()
+        assert oom_score == "1000", "the OOM killer picks the worker, not the server"
         assert running.fraction is not None
         cancelled = await h.manager.cancel(record.id)
         with pytest.raises(Conflict, match="already cancelled"):
