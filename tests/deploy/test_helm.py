@@ -337,9 +337,27 @@ def test_image_repository_source_mounts_nothing_on_models(chart) -> None:
     assert "/models" not in mounts
 
 
-def test_unknown_repository_source_fails_with_a_message(chart) -> None:
-    with pytest.raises(helm.HelmError, match=r"modelRepository\.source must be pvc"):
-        render(chart, {"modelRepository": {"source": "ftp"}})
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"modelRepository": {"source": "ftp"}}, "/modelRepository/source"),
+        ({"server": {"logLevel": "loud"}}, "/server/logLevel"),
+        ({"server": {"drainTimeout": 3}}, "'drainTimeout' not allowed"),
+        ({"server": {"extraSettings": {"Bad-Key": "1"}}}, "'Bad-Key' does not match pattern"),
+        ({"gpu": {"enabled": True, "count": 0}}, "/gpu/count"),
+        ({"modelRepository": {"mountPath": "models"}}, "/modelRepository/mountPath"),
+    ],
+)
+def test_values_schema_rejects_mistakes_by_name(chart, values: dict, message: str) -> None:
+    with pytest.raises(helm.HelmValuesError, match=re.escape(message)):
+        chart.validate_schema(values)
+    with pytest.raises(helm.HelmValuesError, match=re.escape(message)):
+        render(chart, values)
+
+
+def test_values_schema_accepts_every_variant(chart) -> None:
+    for values in VARIANTS.values():
+        chart.validate_schema(values)
 
 
 def test_notes_render_for_every_variant(chart) -> None:
