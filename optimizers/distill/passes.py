@@ -69,8 +69,8 @@ class Distill(Pass):
     helps = frozenset({"cpu", "cuda", "tensorrt"})
     input_kind = "onnx"
     opt_in: ClassVar[bool] = True
-    """Runs minutes and needs user data: only when the request's ``allow`` names it (the
-    search honours this once ``build_chains`` reads ``opt_in``)."""
+    """Runs minutes and needs user data: candidate chains with it run only when the request's
+    ``allow`` names it (``optimizers.chains.is_opt_in``)."""
     Config = DistillConfig
 
     def requires(self, artifact: Artifact, ctx: PassContext) -> None:

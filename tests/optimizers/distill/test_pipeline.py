@@ -18,6 +18,9 @@ def _candidate(report: dict, passes: list[str]) -> dict:
 
 
 def test_distill_chains_only_when_allowed():
+    default, skipped = build_chains("cnn", "cpu", None)
+    assert all(name != "distill" for chain in default for name, _ in chain)
+    assert any("distill" in s["passes"] and "opt-in" in s["reason"] for s in skipped)
     allowed, _ = build_chains("cnn", "cpu", ("distill", "ort_graph_optimize"))
     names = [[name for name, _ in chain] for chain in allowed]
     assert ["distill", "ort_graph_optimize"] in names
@@ -82,7 +85,7 @@ def test_transformer_job_distills_a_hugging_face_checkpoint(tmp_path):
         batch_size=4,
         seq_len=32,
         min_cosine=0.5,
-        time_budget_s=240,
+        time_budget_s=100,
         allow=("distill",),
     )
     result = run_optimization(folder, request, tmp_path / "job", calibration=calibration)
