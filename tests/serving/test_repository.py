@@ -416,3 +416,16 @@ def test_demo_models_regenerate_like_the_shipped_ones(tmp_path: Path) -> None:
         np.testing.assert_array_equal(fresh["y"], shipped["y"])
     entries = ModelRepository(tmp_path / "repo").scan()
     assert all(entry.ok for entry in entries.values())
+
+
+def test_importing_the_repository_pulls_in_neither_fastapi_nor_torch() -> None:
+    code = (
+        "import sys, serving.repository, serving.model_config, serving.fileutil\n"
+        "heavy = sorted(m for m in ('fastapi', 'starlette', 'torch', 'onnxruntime') "
+        "if m in sys.modules)\n"
+        "print(','.join(heavy))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=PROJECT, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == ""
