@@ -268,8 +268,10 @@ def markdown(results: dict, command: str) -> str:
     meta = results["meta"]
     lines += [
         f"Command: `{command}` — {meta['date']}, {meta['machine']}, ORT {meta['ort']}, "
-        f"{meta['seconds']:.0f} s. Medians of interleaved rounds after warm-up; the machine is "
-        "shared with other jobs, so absolute times are noisy, ratios within one table less so.",
+        f"{meta['seconds']:.0f} s, ORT intra-op threads: {meta.get('threads', 'ORT default')}, "
+        f"load average at the end {meta.get('load_average', ['?'])[0]:.1f}. Medians of "
+        "interleaved rounds after warm-up; the machine is shared with other jobs (load far "
+        "above its 2 cores), so absolute times are noisy, ratios within one table less so.",
         "",
     ]
     if "winograd_layers" in results:
@@ -469,7 +471,9 @@ def main() -> None:
         choices=["winograd", "int8_digits", "int8_resnet", "int8_mobilenet", "prune"],
     )
     parser.add_argument("--no-write", action="store_true", help="don't touch bench/RESULTS.md")
+    parser.add_argument("--threads", type=int, default=None, help="ORT intra-op threads")
     args = parser.parse_args()
+    timing.DEFAULT_THREADS = args.threads
     import onnxruntime
 
     quiet_quantizer()
@@ -502,10 +506,13 @@ def main() -> None:
         "ort": onnxruntime.__version__,
         "seconds": time.perf_counter() - start,
         "quick": args.quick,
+        "threads": args.threads or "ORT default",
+        "load_average": list(__import__("os").getloadavg()),
     }
     command = (
         ".venv/bin/python bench/cnn_bench.py"
         + (" --quick" if args.quick else "")
+        + (f" --threads {args.threads}" if args.threads else "")
         + (f" --only {' '.join(args.only)}" if args.only else "")
     )
     (OUT / "results.json").write_text(json.dumps(results, indent=1, default=str))

@@ -8,12 +8,16 @@ from collections.abc import Mapping
 import numpy as np
 import onnx
 
+DEFAULT_THREADS: int | None = None
+"""Intra-op threads for sessions that do not ask for a number (None: ORT's default)."""
+
 
 def session(model: onnx.ModelProto | str, threads: int | None = None, providers=None):
     """An ``InferenceSession`` for a model proto or path (CPU unless ``providers`` given)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    threads = threads or DEFAULT_THREADS
     if threads:
         options.intra_op_num_threads = threads
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
