@@ -89,7 +89,9 @@ class JobManager:
     async def start(self) -> None:
         """Load the records; fail jobs a dead server left running; resume the queue."""
         self._stopping = False
-        for record in self.store.load():
+        records = self.store.load()
+        await asyncio.to_thread(self.store.remove_incomplete)
+        for record in records:
             if record.state == "running":
                 job_dir = self.store.job_dir(record.id)
                 if record.worker_pid:

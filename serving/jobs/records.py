@@ -110,6 +110,20 @@ class JobStore:
             self._records[record.id] = record
         return self.all()
 
+    def remove_incomplete(self) -> list[Path]:
+        """Delete job folders without a record (uploads cut short by a crash)."""
+        removed = []
+        if self.root.is_dir():
+            for child in self.root.iterdir():
+                if (
+                    child.is_dir()
+                    and valid_job_id(child.name)
+                    and not (child / RECORD_FILE).exists()
+                ):
+                    shutil.rmtree(child, ignore_errors=True)
+                    removed.append(child)
+        return removed
+
     def add(self, record: JobRecord) -> None:
         self._records[record.id] = record
         self.save(record)

@@ -91,5 +91,11 @@ def test_store_round_trip_skips_unreadable_records(tmp_path: Path) -> None:
     (tmp_path / "jobs" / "fedcba9876543210").mkdir()
     (tmp_path / "jobs" / "fedcba9876543210" / "job.json").write_text("{not json")
     (tmp_path / "jobs" / "not-a-job").mkdir()
-    loaded = JobStore(tmp_path / "jobs").load()
+    (tmp_path / "jobs" / "abcdefabcdef0000" / "upload").mkdir(parents=True)
+    reopened = JobStore(tmp_path / "jobs")
+    loaded = reopened.load()
     assert [r.to_dict() for r in loaded] == [record.to_dict()]
+    removed = {p.name for p in reopened.remove_incomplete()}
+    assert removed == {"abcdefabcdef0000"}, "only folders without a record file"
+    assert (tmp_path / "jobs" / "not-a-job").is_dir(), "only job folders are touched"
+    assert (tmp_path / "jobs" / record.id / "job.json").is_file()
