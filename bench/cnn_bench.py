@@ -29,6 +29,7 @@ OUT = ROOT / "bench" / "data" / "cnn"
 RESULTS = ROOT / "bench" / "RESULTS.md"
 START, END = "<!-- cnn_bench:start -->", "<!-- cnn_bench:end -->"
 BATCHES = (1, 32)
+SECTIONS = ("winograd", "int8_digits", "int8_resnet", "int8_mobilenet", "prune", "prune_resnet")
 
 
 def log(message: str) -> None:
@@ -236,6 +237,38 @@ def bench_prune(splits: data.DigitsSplits, work: Path, quick: bool) -> dict:
     return {"rows": rows, "calibration_images": 512, "criterion": "fisher_per_flop"}
 
 
+def bench_prune_resnet(work: Path, quick: bool) -> dict:
+    """Physical speed of pruning: the ResNet-style model (random init) at two FLOPs budgets."""
+    size = 112
+    model_path = work / "resnet_style.onnx"
+    if not model_path.exists():
+        zoo.export(zoo.resnet_style(), model_path, size)
+    model = graph.load(model_path)
+    rng = np.random.default_rng(1)
+    cal = [{"input": rng.standard_normal((4, 3, size, size)).astype(np.float32)}]
+    paths, rows = {"1.0": model_path}, []
+    for budget in (0.75, 0.5):
+        t0 = time.perf_counter()
+        pruned, report = prune.prune_channels(model, cal, prune.PruneOptions(budget))
+        path = graph.save(pruned, work / f"resnet_pruned_{budget}.onnx")
+        paths[str(budget)] = path
+        rows.append(
+            {
+                "budget": budget,
+                "macs_ratio": report["macs_ratio"],
+                "prunable_convs": len(report["layers"]),
+                "declined_convs": len(report["declined"]),
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+        log(f"resnet prune {budget}: {rows[-1]}")
+    feeds = {
+        b: {"input": rng.standard_normal((b, 3, size, size)).astype(np.float32)} for b in BATCHES
+    }
+    lat = latency_table(paths, feeds, 3 if quick else 7)
+    return {"rows": rows, "latency_ms": lat}
+
+
 def plot_curve(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -405,6 +438,35 @@ def markdown(results: dict, command: str) -> str:
                 f"{fmt(r['ms_b1'], 3)} | {fmt(r['ms_b32'], 3)} | {fmt(r['seconds'], 1)} |"
             )
         lines += ["", "![pruning curve](data/cnn/prune_curve.png)", ""]
+    if "prune_resnet" in results:
+        pr = results["prune_resnet"]
+        lat = pr["latency_ms"]
+        lines += [
+            "**Pruning speed on the ResNet-style model** (random init, speed only; only convs "
+            "whose output feeds one conv are prunable — residual-branch outputs are declined):",
+            "",
+            "| FLOPs budget | MACs kept | "
+            + " | ".join(f"b{b} ms" for b in BATCHES)
+            + " | "
+            + " | ".join(f"b{b} speedup" for b in BATCHES)
+            + " |",
+            "|---:|---:|" + "---:|" * (2 * len(BATCHES)),
+            "| 1.0 | 1.000 | "
+            + " | ".join(fmt(lat[b]["1.0"], 1) for b in BATCHES)
+            + " | "
+            + " | ".join("1.00x" for _ in BATCHES)
+            + " |",
+        ]
+        for r in pr["rows"]:
+            key = str(r["budget"])
+            lines.append(
+                f"| {r['budget']} | {fmt(r['macs_ratio'], 3)} | "
+                + " | ".join(fmt(lat[b][key], 1) for b in BATCHES)
+                + " | "
+                + " | ".join(fmt(lat[b]["1.0"] / lat[b][key], 2) + "x" for b in BATCHES)
+                + " |"
+            )
+        lines.append("")
     lines.append(END)
     return "\n".join(lines) + "\n"
 
@@ -468,7 +530,7 @@ def main() -> None:
         "--only",
         nargs="*",
         default=None,
-        choices=["winograd", "int8_digits", "int8_resnet", "int8_mobilenet", "prune"],
+        choices=list(SECTIONS),
     )
     parser.add_argument("--no-write", action="store_true", help="don't touch bench/RESULTS.md")
     parser.add_argument("--threads", type=int, default=None, help="ORT intra-op threads")
@@ -482,7 +544,7 @@ def main() -> None:
     scratch = tempfile.TemporaryDirectory(prefix="cnn_bench_")
     work = Path(scratch.name)
     splits = data.digits_splits()
-    wanted = set(args.only or ["winograd", "int8_digits", "int8_resnet", "int8_mobilenet", "prune"])
+    wanted = set(args.only or SECTIONS)
     results: dict = {}
     previous = OUT / "results.json"
     if args.only and previous.exists():  # a partial rerun keeps the other sections' numbers
@@ -499,6 +561,8 @@ def main() -> None:
         results["int8_mobilenet"] = bench_int8_mobilenet(work, args.quick)
     if "prune" in wanted:
         results["prune"] = bench_prune(splits, work, args.quick)
+    if "prune_resnet" in wanted:
+        results["prune_resnet"] = bench_prune_resnet(work, args.quick)
     results["meta"] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.processor() or platform.machine()}, "
