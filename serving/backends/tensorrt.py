@@ -473,6 +473,11 @@ class TensorRTEngine:
             for name in names:
                 shape = tuple(context.get_tensor_shape(name))
                 out = np.empty(shape, dtype=self._dtypes[name])
+                if out.nbytes > self._buffers[name].numel():
+                    raise EngineError(
+                        f"output {name!r} shape {list(shape)} exceeds the buffer sized from the "
+                        "optimization profiles"
+                    )
                 if out.nbytes:
                     host = torch.from_numpy(out.reshape(-1).view(np.uint8))
                     host.copy_(self._buffers[name][: out.nbytes], non_blocking=False)
@@ -498,6 +503,7 @@ class TensorRTEngine:
             self._buffers = {}
             self._context = None
             self._engine = None
+            self._runtime = None
 
 
 def collecting_logger(trt: Any) -> Any:

@@ -1,0 +1,1 @@
+"""Engine build steps: ONNX -> a native runtime engine (TensorRT ``model.plan``)."""
