@@ -35,6 +35,10 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument(
+        "--reuse", action="store_true", help="re-measure a finished pipeline run in --workdir"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (all)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/optimize_bench.json")
     args = parser.parse_args()
 
@@ -56,9 +60,14 @@ def main() -> None:
         )
 
     request = OptimizationRequest(name="minilm", batch_size=8, seq_len=args.seq_len)
-    result = run_optimization(source, request, workdir, progress=progress)
-    report = result.report
-    pipeline_seconds = time.perf_counter() - started
+    if args.reuse:
+        report = json.loads((workdir / "result" / "report.json").read_text())
+        pipeline_seconds = report["seconds"]
+    else:
+        report = run_optimization(source, request, workdir, progress=progress).report
+        pipeline_seconds = time.perf_counter() - started
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     contenders: dict[str, dict] = {}
     model = load_hf_checkpoint(source).artifact.torch_model
@@ -70,7 +79,7 @@ def main() -> None:
         label = "ORT fp32 (original)" if candidate["id"] == "c0" else candidate["label"]
         contenders[label] = {
             "kind": "onnx",
-            "session": make_session(workdir / candidate["file"], "cpu"),
+            "session": make_session(workdir / candidate["file"], "cpu", threads=args.threads),
             "fidelity": candidate["fidelity"],
             "status": candidate["status"],
             "reason": candidate["reason"],
@@ -163,6 +172,8 @@ def main() -> None:
                     "processor": platform.processor(),
                 },
                 "seq_len": args.seq_len,
+                "threads": args.threads,
+                "load_average": os.getloadavg(),
                 "batches": batches,
                 "median_ms": results,
                 "table": table,

@@ -196,8 +196,7 @@ class Export(Pass):
                     # the wrapper takes ``*args``: its dynamic shapes nest under "args"
                     shapes = {
                         "args": tuple(
-                            dict.fromkeys(dynamic_axes.get(name, {}), dim) or None
-                            for name in names
+                            dict.fromkeys(dynamic_axes.get(name, {}), dim) or None for name in names
                         )
                     }
                 onnx_program = torch.onnx.export(
