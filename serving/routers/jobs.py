@@ -3,7 +3,14 @@
 ``POST /v2/optimize`` takes a multipart upload (``model`` file, ``request`` JSON, optional
 ``calibration`` file) and answers 202 with the job's id and URL; the job resource lives at
 ``/v2/optimize/jobs[/{id}]`` (``GET`` status, progress, log tail, report; ``DELETE``
-cancels). The paths sit beside the KServe v2 routes without clashing with them.
+cancels, ``?purge=true`` also deletes the record and files). The paths sit under ``/v2``
+beside the KServe v2 routes without clashing with them (KServe reserves ``/v2/models``,
+``/v2/repository`` and ``/v2/health``). Example::
+
+    curl -F model=@bert.tar.gz \
+         -F 'request={"name": "bert", "min_cosine": 0.99, "time_budget_s": 600}' \
+         -F calibration=@texts.txt http://localhost:8000/v2/optimize
+    curl http://localhost:8000/v2/optimize/jobs/<id>
 """
 
 from __future__ import annotations
