@@ -217,8 +217,9 @@ class PooledEncoder(nn.Module):
         super().__init__()
         self.encoder = encoder
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        h = self.encoder(input_ids, attention_mask)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None):
+        h = self.encoder(input_ids, attention_mask, token_type_ids)
         return h, mean_pool(h, attention_mask)
 
 

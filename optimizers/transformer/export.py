@@ -11,7 +11,7 @@ from torch import nn
 
 from optimizers.transformer.encoder import PooledEncoder, SlimEncoder
 from optimizers.transformer.packing import PackedEncoder
-from optimizers.transformer.token_prune import TokenPrunedEncoder
+from optimizers.transformer.token_prune import HiddenStateOnly, TokenPrunedEncoder
 
 INPUT_NAMES = ["input_ids", "attention_mask"]
 OPSET = 17
@@ -20,30 +20,43 @@ OPSET = 17
 def output_names(module: nn.Module) -> list[str]:
     """Graph output names of a wrapper."""
     if isinstance(module, TokenPrunedEncoder):
-        return ["embedding", "seq_lens"]
+        return ["last_hidden_state", "embedding", "seq_lens"]
+    if isinstance(module, HiddenStateOnly):
+        return ["last_hidden_state"]
     if isinstance(module, PooledEncoder | PackedEncoder):
         return ["last_hidden_state", "embedding"]
     raise TypeError(f"cannot export {type(module).__name__}; wrap the encoder first")
 
 
-def export_onnx(module: nn.Module, path: Path, seq_len: int = 16, batch: int = 2) -> Path:
-    """Export ``module`` with dynamic batch and sequence axes; returns ``path``."""
+def export_onnx(module: nn.Module, path: Path, seq_len: int = 16, batch: int = 2,
+                input_names: list[str] | None = None, first_output: str | None = None) -> Path:
+    """Export ``module`` with dynamic batch and sequence axes; returns ``path``.
+
+    ``input_names`` may add ``token_type_ids`` to the default two inputs; ``first_output``
+    renames the first output (to match the original graph's output name).
+    """
     if isinstance(module, SlimEncoder):
         module = PooledEncoder(module)
     module = module.eval()
     names = output_names(module)
+    if first_output:
+        names = [first_output, *names[1:]]
+    inputs = [n for n in (input_names or INPUT_NAMES) if n in (*INPUT_NAMES, "token_type_ids")]
     ids = torch.ones(batch, seq_len, dtype=torch.long)
     mask = torch.ones(batch, seq_len, dtype=torch.long)
     mask[-1, seq_len // 2:] = 0
-    axes = {name: {0: "batch", 1: "sequence"} for name in INPUT_NAMES}
-    axes.update({"embedding": {0: "batch"}})
-    if "last_hidden_state" in names:
-        axes["last_hidden_state"] = {0: "batch", 1: "sequence"}
+    args = [ids, mask] + ([torch.zeros_like(ids)] if "token_type_ids" in inputs else [])
+    inputs = ["input_ids", "attention_mask"] + (["token_type_ids"] if len(args) == 3 else [])
+    axes = {name: {0: "batch", 1: "sequence"} for name in inputs}
+    if "embedding" in names:
+        axes["embedding"] = {0: "batch"}
+    if names[0] != "embedding":
+        axes[names[0]] = {0: "batch", 1: "sequence"}
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            module, (ids, mask), str(path), dynamo=False, input_names=INPUT_NAMES,
+            module, tuple(args), str(path), dynamo=False, input_names=inputs,
             output_names=names, dynamic_axes=axes, opset_version=OPSET,
             do_constant_folding=True,
         )

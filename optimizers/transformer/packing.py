@@ -28,14 +28,16 @@ class PackedEncoder(nn.Module):
         super().__init__()
         self.encoder = encoder
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None):
         enc = self.encoder
         b, s = input_ids.shape[0], input_ids.shape[1]
         mask = attention_mask.to(torch.long)
         idx = torch.nonzero(mask.reshape(-1)).squeeze(1)  # [T] positions of real tokens
         ids = input_ids.reshape(-1)[idx]
         pos = enc.embeddings.position_ids(mask).reshape(-1)[idx]
-        h = enc.embeddings(ids, pos, None)  # [T, hidden]
+        types = token_type_ids.reshape(-1)[idx] if token_type_ids is not None else None
+        h = enc.embeddings(ids, pos, types)  # [T, hidden]
         bias = key_bias(mask)
         for layer in enc.layers:
             if layer.heads > 0:

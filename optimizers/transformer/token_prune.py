@@ -8,8 +8,10 @@ always kept. In the exported graph the sequence really shrinks: the kept count i
 from the data, the kept tokens are gathered with TopK/GatherElements into a shorter tensor
 (padded to the batch's largest kept count, the rest masked), so later layers cost less.
 
-The output is **pooled only**: the mean-pooled sentence embedding, where a pruned token
-contributes its hidden state from the layer at which it left (no per-token output).
+Outputs keep the original sequence positions: a pruned token's row of ``last_hidden_state``
+holds its hidden state from the layer where it left the sequence (it is not updated by later
+layers), and the mean-pooled sentence embedding pools those rows. Use the pooled embedding (or
+the [CLS] row); per-token outputs of pruned tokens are approximations by design.
 
 Thresholds here are **calibrated**, not learned: for a keep schedule (the fraction of tokens
 still present after each layer, falling linearly to ``final_keep``), each layer's threshold is
@@ -51,10 +53,13 @@ def order_score(keep: torch.Tensor) -> torch.Tensor:
 
 
 class TokenPrunedEncoder(nn.Module):
-    """``(input_ids, attention_mask) -> (embedding [B, H], seq_lens [L] int64)``.
+    """``(input_ids, attention_mask) -> (last_hidden_state [B, S, H], embedding [B, H],
+    seq_lens [L] int64)``.
 
-    ``thresholds[i]`` (None = no pruning) applies after layer ``i``. ``seq_lens[i]`` is the
-    sequence length entering layer ``i`` (for reports and tests).
+    ``thresholds[i]`` (None = no pruning) applies after layer ``i``. ``last_hidden_state``
+    keeps the original positions: a pruned token's row holds its hidden state from the layer
+    where it left (so mean pooling it gives ``embedding``). ``seq_lens[i]`` is the sequence
+    length entering layer ``i`` (for reports and tests).
     """
 
     def __init__(self, encoder: SlimEncoder, thresholds: Sequence[float | None]) -> None:
@@ -66,12 +71,14 @@ class TokenPrunedEncoder(nn.Module):
         self.encoder = encoder
         self.thresholds = [None if t is None else float(t) for t in thresholds]
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None):
         enc = self.encoder
         mask = attention_mask.to(torch.float32)
-        count = mask.sum(1, keepdim=True)
-        h = enc.embed(input_ids, attention_mask)
-        pooled = torch.zeros(h.shape[0], h.shape[2], dtype=h.dtype)
+        h = enc.embed(input_ids, attention_mask, token_type_ids)
+        b, s, hidden = h.shape[0], h.shape[1], h.shape[2]
+        out = torch.zeros_like(h)
+        pos = torch.arange(s).unsqueeze(0).expand(b, s)  # original position of each row
         lens = []
         for layer, thr in zip(enc.layers, self.thresholds, strict=True):
             lens.append(torch.tensor(h.shape[1], dtype=torch.long).reshape(1))
@@ -82,14 +89,30 @@ class TokenPrunedEncoder(nn.Module):
             first = torch.zeros_like(mask)
             first[:, 0] = 1.0
             keep = torch.maximum((imp >= thr).to(mask.dtype) * mask, first * mask)
-            pooled = pooled + (h * (mask - keep).unsqueeze(-1)).sum(1)
+            dropped = h * (mask - keep).unsqueeze(-1)
+            out = out.scatter_add(1, pos.unsqueeze(-1).expand(-1, -1, hidden), dropped)
             k_max = keep.sum(1).max()
             k = torch.nonzero(torch.arange(h.shape[1]) < k_max).shape[0]  # dynamic length
             idx = torch.topk(order_score(keep), k, dim=1).indices
-            h = torch.gather(h, 1, idx.unsqueeze(-1).expand(-1, -1, h.shape[2]))
+            h = torch.gather(h, 1, idx.unsqueeze(-1).expand(-1, -1, hidden))
             mask = torch.gather(keep, 1, idx)
-        pooled = (pooled + (h * mask.unsqueeze(-1)).sum(1)) / count.clamp(min=1.0)
-        return pooled, torch.cat(lens)
+            pos = torch.gather(pos, 1, idx)
+        final = h * mask.unsqueeze(-1)
+        out = out.scatter_add(1, pos.unsqueeze(-1).expand(-1, -1, hidden), final)
+        return out, mean_pool(out, attention_mask), torch.cat(lens)
+
+
+class HiddenStateOnly(nn.Module):
+    """Export wrapper keeping only the first output (``last_hidden_state``), so the graph's
+    inputs and outputs match the original model's."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None):
+        return self.model(input_ids, attention_mask, token_type_ids)[0]
 
 
 @torch.no_grad()
@@ -165,7 +188,7 @@ def pooled_cosine(reference: nn.Module, pruned: TokenPrunedEncoder,
     for batch in batches:
         ids, mask = torch.as_tensor(batch["input_ids"]), torch.as_tensor(batch["attention_mask"])
         a = mean_pool(reference(ids, mask), mask)
-        b, _ = pruned(ids, mask)
+        b = pruned(ids, mask)[1]
         out.append(F.cosine_similarity(a, b).numpy())
     return np.concatenate(out)
 
@@ -217,8 +240,12 @@ def token_prune(
     encoder: SlimEncoder, calibration: Sequence[Batch],
     config: TokenPruneConfig = TokenPruneConfig(),
     check: Callable[[], None] | None = None,
+    reference: nn.Module | None = None,
 ) -> tuple[TokenPrunedEncoder, dict[str, Any]]:
-    """Calibrate thresholds (bisecting the keep ratio when ``final_keep`` is None)."""
+    """Calibrate thresholds (bisecting the keep ratio when ``final_keep`` is None); fidelity is
+    measured against ``reference`` (default: ``encoder`` itself, e.g. the unpruned original
+    when ``encoder`` was structurally pruned)."""
+    reference = encoder if reference is None else reference
     if not calibration:
         raise ValueError("token pruning needs calibration batches")
 
@@ -227,7 +254,7 @@ def token_prune(
             check()
         thr = calibrate_thresholds(encoder, calibration, final_keep, config.start_layer)
         model = TokenPrunedEncoder(encoder, thr)
-        return model, float(pooled_cosine(encoder, model, calibration).mean())
+        return model, float(pooled_cosine(reference, model, calibration).mean())
 
     tried = []
     if config.final_keep is not None:

@@ -54,10 +54,19 @@ def test_onnx_sequence_shrinks_per_layer(encoder, calibration, tmp_path):
         assert all(b <= a for a, b in itertools.pairwise(lens))
         assert lens[-1] < lens[0]  # the sequence really got shorter inside the graph
         with torch.no_grad():
-            want, want_lens = model(torch.as_tensor(batch["input_ids"]),
+            want_hidden, want, want_lens = model(torch.as_tensor(batch["input_ids"]),
                                     torch.as_tensor(batch["attention_mask"]))
         np.testing.assert_allclose(out["embedding"], want.numpy(), atol=5e-5)
         np.testing.assert_array_equal(lens, want_lens.numpy())
+        # per-token output keeps the original positions; padding rows stay zero
+        hidden = out["last_hidden_state"]
+        assert hidden.shape == (*batch["input_ids"].shape, 64)
+        np.testing.assert_allclose(hidden, want_hidden.numpy(), atol=5e-5)
+        real = batch["attention_mask"].astype(bool)
+        assert not hidden[~real].any()
+        assert (np.abs(hidden[real]).sum(-1) > 0).all()
+        pooled = (hidden * real[..., None]).sum(1) / real.sum(1, keepdims=True)
+        np.testing.assert_allclose(pooled, out["embedding"], atol=5e-5)
 
 
 def test_no_pruning_equals_the_original(encoder, calibration):
@@ -65,9 +74,12 @@ def test_no_pruning_equals_the_original(encoder, calibration):
     batch = calibration[0]
     ids, mask = torch.as_tensor(batch["input_ids"]), torch.as_tensor(batch["attention_mask"])
     with torch.no_grad():
-        got, lens = model(ids, mask)
-        want = mean_pool(encoder(ids, mask), mask)
+        hidden, got, lens = model(ids, mask)
+        full = encoder(ids, mask)
+        want = mean_pool(full, mask)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    real = mask.bool()
+    torch.testing.assert_close(hidden[real], full[real], atol=1e-5, rtol=1e-4)
     assert lens.tolist() == [ids.shape[1]] * 3
 
 
@@ -76,7 +88,7 @@ def test_first_token_always_kept(encoder, calibration):
     batch = calibration[0]
     ids, mask = torch.as_tensor(batch["input_ids"]), torch.as_tensor(batch["attention_mask"])
     with torch.no_grad():
-        emb, lens = model(ids, mask)
+        _, emb, lens = model(ids, mask)
     assert lens.tolist()[1:] == [1, 1]
     assert torch.isfinite(emb).all()
 

@@ -1,0 +1,1 @@
+"""Pipeline passes for the transformer techniques (registered on import)."""

@@ -1,0 +1,142 @@
+"""``struct_prune``, ``token_prune`` and ``pack_padding`` as pipeline passes, plus their chains.
+
+Each takes the transformer ONNX artifact the search starts from (the BERT-family weights come
+from the recorded Hugging Face checkpoint, or from the ``SlimEncoder`` a previous pass of this
+package attached), applies its technique in PyTorch and exports a new ONNX graph with the
+original's inputs and first output (``last_hidden_state``), so fidelity compares like for like.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from optimizers.passes.base import Artifact, Pass, PassContext, PassResult
+from optimizers.registry import register_chains, register_pass
+from optimizers.transformer.encoder import PooledEncoder
+from optimizers.transformer.export import export_onnx
+from optimizers.transformer.packing import PackedEncoder
+from optimizers.transformer.passes.source import (
+    calibration_batches,
+    check_applicable,
+    original_encoder,
+    output_name,
+    source_encoder,
+)
+from optimizers.transformer.structured_prune import PruneConfig, structured_prune
+from optimizers.transformer.token_prune import HiddenStateOnly, TokenPruneConfig, token_prune
+
+
+class _TransformerPass(Pass):
+    input_kind = "onnx"
+    applies_to = frozenset({"transformer"})
+
+    def requires(self, artifact: Artifact, ctx: PassContext) -> None:
+        super().requires(artifact, ctx)
+        check_applicable(artifact, self.name)
+
+    def _export(self, module, artifact: Artifact, ctx: PassContext, slim, **meta) -> Artifact:
+        path = ctx.scratch(self.name) / "model.onnx"
+        export_onnx(
+            module, path, input_names=list(artifact.meta.get("input_names") or []),
+            first_output=output_name(artifact),
+        )
+        return Artifact(
+            "onnx", artifact.family, onnx_path=path, torch_model=slim,
+            meta={**artifact.meta, **meta},
+        )
+
+
+@register_pass
+class StructPrune(_TransformerPass):
+    """Retraining-free structured pruning of heads and FFN neurons (Kwon et al. 2022)."""
+
+    name = "struct_prune"
+
+    @dataclass(frozen=True)
+    class Config:
+        flops_keep: float = 0.6
+        rearrange: bool = True
+        tune: bool = True
+        max_batches: int = 32
+
+        def __post_init__(self) -> None:
+            PruneConfig(flops_keep=self.flops_keep)  # validates, naming the field
+
+    def call(self, artifact: Artifact, ctx: PassContext) -> PassResult:
+        encoder = source_encoder(artifact)
+        cfg = PruneConfig(
+            flops_keep=self.config.flops_keep, seq_len=ctx.seq_len,
+            rearrange=self.config.rearrange, tune=self.config.tune,
+            max_batches=self.config.max_batches,
+        )
+        cpu0 = time.process_time()
+        pruned, report = structured_prune(
+            encoder, calibration_batches(ctx, self.name), cfg,
+            progress=ctx.report_progress, check=ctx.check_cancelled,
+        )
+        report["cpu_s"] = time.process_time() - cpu0
+        new = self._export(HiddenStateOnly(PooledEncoder(pruned)), artifact, ctx, pruned,
+                           struct_pruned=True)
+        return PassResult(new, True, report)
+
+
+@register_pass
+class TokenPrune(_TransformerPass):
+    """Attention-importance token pruning with per-layer calibrated thresholds."""
+
+    name = "token_prune"
+
+    @dataclass(frozen=True)
+    class Config:
+        final_keep: float | None = None
+        target_cosine: float = 0.99
+        margin: float = 0.002
+        start_layer: int = 0
+        steps: int = 5
+
+        def __post_init__(self) -> None:
+            TokenPruneConfig(final_keep=self.final_keep, min_cosine=self.target_cosine,
+                             start_layer=self.start_layer)
+
+    def call(self, artifact: Artifact, ctx: PassContext) -> PassResult:
+        encoder = source_encoder(artifact)
+        reference = original_encoder(artifact) if artifact.meta.get("struct_pruned") else None
+        cfg = TokenPruneConfig(
+            final_keep=self.config.final_keep,
+            min_cosine=min(1.0, self.config.target_cosine + self.config.margin),
+            start_layer=self.config.start_layer, steps=self.config.steps,
+        )
+        model, report = token_prune(encoder, calibration_batches(ctx, self.name), cfg,
+                                    check=ctx.check_cancelled, reference=reference)
+        if all(t is None for t in model.thresholds):
+            return PassResult(artifact, False, {**report, "why": "no threshold met the bound"})
+        new = self._export(HiddenStateOnly(model), artifact, ctx, None, token_pruned=True)
+        return PassResult(new, True, report)
+
+
+@register_pass
+class PackPadding(_TransformerPass):
+    """Padding removal: dense layers on packed real tokens, attention per sequence."""
+
+    name = "pack_padding"
+
+    @dataclass(frozen=True)
+    class Config:
+        pass
+
+    def call(self, artifact: Artifact, ctx: PassContext) -> PassResult:
+        encoder = source_encoder(artifact)
+        new = self._export(HiddenStateOnly(PackedEncoder(encoder)), artifact, ctx, None,
+                           packed=True)
+        report = {"technique": "padding removal (packed dense layers, per-sequence attention)"}
+        return PassResult(new, True, report)
+
+
+register_chains("transformer", [
+    ["struct_prune", "ort_transformer_optimize", "quantize_dynamic"],
+    ["struct_prune", "token_prune", "ort_transformer_optimize", "quantize_dynamic"],
+    ["token_prune", "ort_transformer_optimize", "quantize_dynamic"],
+    [("struct_prune", {"flops_keep": 0.8}), "ort_transformer_optimize", "quantize_dynamic"],
+    ["pack_padding", "quantize_dynamic"],
+])
