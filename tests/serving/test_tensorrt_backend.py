@@ -251,6 +251,26 @@ def test_server_reports_the_unloadable_plan_and_serves_the_rest(
         client.close()
 
 
+def _torch_has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(_torch_has_cuda(), reason="this machine has CUDA; checks the refusal without")
+def test_with_tensorrt_but_no_cuda_device_the_plan_is_refused(tmp_path: Path, monkeypatch) -> None:
+    """TensorRT importable (a stand-in module with a version) but torch sees no GPU."""
+    import sys
+    from types import SimpleNamespace
+
+    monkeypatch.setitem(sys.modules, "tensorrt", SimpleNamespace(__version__="10.9.0.34"))
+    plan = _plan_version(tmp_path, _metadata())
+    config = parse_config((plan.parents[1] / "config.pbtxt").read_text())
+    with pytest.raises(ModelNotReady, match="no CUDA device is available") as info:
+        load_engine(plan, config)
+    assert "tensorrt_plan models need an NVIDIA GPU" in str(info.value)
+
+
 # --- instance placement --------------------------------------------------------------------
 
 
