@@ -31,7 +31,7 @@ from serving.jobs.records import LOG_TAIL_LINES, JobRecord, JobStore, new_job_id
 from serving.jobs.request import parse_request
 from serving.jobs.runner import WorkerProcess, kill_orphan, log_tail
 from serving.jobs.source import check_calibration, prepare_model
-from serving.jobs.upload import receive_upload
+from serving.jobs.upload import drain_body, receive_upload
 from serving.jobs.worker import DEFAULT_ENTRYPOINT, LOG_FILE
 from serving.repository import ModelRepository
 
@@ -154,9 +154,16 @@ class JobManager:
         chunks: AsyncIterator[bytes],
         content_type: str | None,
         content_length: int | None = None,
+        *,
+        expects_continue: bool = False,
     ) -> JobRecord:
         """Receive a multipart upload, validate it, and queue its job (the upload is kept)."""
-        self._check_capacity()
+        try:
+            self._check_capacity()
+        except QueueFull:
+            if not expects_continue:
+                await drain_body(chunks.__aiter__())
+            raise
         job_id = new_job_id()
         job_dir = self.store.job_dir(job_id)
         upload_dir = job_dir / "upload"
@@ -167,6 +174,7 @@ class JobManager:
                 upload_dir,
                 max_bytes=self.max_upload_bytes,
                 content_length=content_length,
+                expects_continue=expects_continue,
             )
             options = parse_request(form.fields.get("request"))
             saved = form.files["model"]

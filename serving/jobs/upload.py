@@ -179,11 +179,13 @@ async def receive_upload(
     *,
     max_bytes: int,
     content_length: int | None = None,
+    expects_continue: bool = False,
 ) -> UploadForm:
     """Parse a multipart body from ``chunks`` into ``dest``; enforce ``max_bytes`` as it streams.
 
     On an error the rest of the body is read and discarded (bounded), so the client gets
-    the 4xx response instead of a broken connection.
+    the 4xx response instead of a broken connection; a refusal before the first read leaves
+    the body alone when the client waits for ``100 Continue`` (it has not sent it).
     """
     iterator = chunks.__aiter__()
     try:
@@ -193,7 +195,8 @@ async def receive_upload(
                 f"upload is larger than the limit of {max_bytes} bytes (SLIMSERVE_MAX_UPLOAD_BYTES)"
             )
     except SlimServeError:
-        await _drain(iterator, limit=DRAIN_LIMIT)
+        if not expects_continue:
+            await drain_body(iterator)
         raise
     dest.mkdir(parents=True, exist_ok=True)
     receiver = _FormReceiver(dest, max_bytes)
@@ -204,7 +207,7 @@ async def receive_upload(
         parser.finalize()
     except Exception as exc:
         receiver.close()
-        await _drain(iterator, limit=DRAIN_LIMIT)
+        await drain_body(iterator)
         if isinstance(exc, InvalidInput | PayloadTooLarge):
             raise
         raise InvalidInput(f"malformed multipart body: {exc}") from None
@@ -219,7 +222,8 @@ async def receive_upload(
     return receiver.form
 
 
-async def _drain(iterator: AsyncIterator[bytes], *, limit: int) -> None:
+async def drain_body(iterator: AsyncIterator[bytes], *, limit: int = DRAIN_LIMIT) -> None:
+    """Read and drop the rest of a request body (at most ``limit`` bytes)."""
     seen = 0
     try:
         async for chunk in iterator:

@@ -100,6 +100,7 @@ async def upload(request: Request, response: Response, jobs: JobsDep) -> dict[st
         request.stream(),
         request.headers.get("content-type"),
         int(length) if length and length.isdigit() else None,
+        expects_continue=request.headers.get("expect", "").lower() == "100-continue",
     )
     response.headers["Location"] = job_url(record.id)
     return {

@@ -103,3 +103,29 @@ def test_truncated_body_names_the_unfinished_part(tmp_path: Path) -> None:
     body, ctype = multipart({"request": "{}"}, {"model": ("m.onnx", bytes(1000))})
     with pytest.raises(InvalidInput, match="middle of form part 'model'"):
         receive(body[:-200], ctype, tmp_path / "up", max_bytes=1 << 20)
+
+
+def test_early_refusal_reads_the_body_only_when_the_client_already_sent_it(
+    tmp_path: Path,
+) -> None:
+    body, ctype = multipart({"request": "{}"}, {"model": ("m.onnx", bytes(100_000))})
+    for expects_continue, drained in ((True, 0), (False, len(body))):
+        seen: list[int] = []
+
+        async def counting(seen: list[int] = seen) -> AsyncIterator[bytes]:
+            async for chunk in chunked(body):
+                seen.append(len(chunk))
+                yield chunk
+
+        with pytest.raises(PayloadTooLarge):
+            asyncio.run(
+                receive_upload(
+                    counting(),
+                    ctype,
+                    tmp_path / "up",
+                    max_bytes=1000,
+                    content_length=len(body),
+                    expects_continue=expects_continue,
+                )
+            )
+        assert sum(seen) == drained
