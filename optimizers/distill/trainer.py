@@ -39,6 +39,8 @@ class TrainingLog:
 
     losses: list[float] = field(default_factory=list)
     curve: list[tuple[int, float]] = field(default_factory=list)
+    curve_seconds: list[float] = field(default_factory=list)
+    """Seconds since training started at each point of ``curve``."""
     initial_fidelity: float = float("nan")
     best_fidelity: float = float("nan")
     best_step: int = 0
@@ -62,6 +64,7 @@ class TrainingLog:
             "first_loss": self.loss_window(first=True),
             "last_loss": self.loss_window(first=False),
             "fidelity_curve": [[step, fidelity] for step, fidelity in self.curve],
+            "curve_seconds": [round(t, 1) for t in self.curve_seconds],
         }
 
 
@@ -100,8 +103,8 @@ def train(
     """Train ``task.student`` until ``max_steps``, the time budget, or early stopping.
 
     Evaluates before the first step (the untrained student) and every ``eval_every`` steps;
-    the student ends with the weights of its best held-out evaluation. ``check_cancelled``
-    is called every step and may raise (``Cancelled``) to abort.
+    the student ends with the weights of its best held-out evaluation (the latest of equals).
+    ``check_cancelled`` is called every step and may raise (``Cancelled``) to abort.
     """
     log = TrainingLog()
     start = time.monotonic()
@@ -116,6 +119,7 @@ def train(
         with torch.no_grad():
             fidelity = float(task.evaluate())
         log.curve.append((step, fidelity))
+        log.curve_seconds.append(time.monotonic() - start)
         return fidelity
 
     log.initial_fidelity = log.best_fidelity = evaluate(0)
@@ -147,12 +151,12 @@ def train(
             log.losses.append(loss.item())
             if step % eval_every == 0:
                 fidelity = evaluate(step)
-                if fidelity > log.best_fidelity:
+                # patience counts evaluations without a strict improvement; a tie still moves
+                # the best to the longer-trained student (agreement saturates on small splits)
+                evals_since_best = 0 if fidelity > log.best_fidelity else evals_since_best + 1
+                if fidelity >= log.best_fidelity:
                     log.best_fidelity, log.best_step = fidelity, step
                     best_state = copy.deepcopy(student.state_dict())
-                    evals_since_best = 0
-                else:
-                    evals_since_best += 1
                 if progress is not None:
                     progress(
                         {
@@ -167,7 +171,7 @@ def train(
                     break
     if log.curve[-1][0] != step:
         fidelity = evaluate(step)
-        if fidelity > log.best_fidelity:
+        if fidelity >= log.best_fidelity:
             log.best_fidelity, log.best_step = fidelity, step
             best_state = copy.deepcopy(student.state_dict())
     student.load_state_dict(best_state)

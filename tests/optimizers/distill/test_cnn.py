@@ -66,7 +66,7 @@ def test_pass_trains_a_smaller_student_that_agrees(digits_onnx, digits_split, tm
     events: list[tuple[str, float | None]] = []
     ctx = _ctx(tmp_path, x_train, progress=lambda m, f: events.append((m, f)))
     distill = get_pass(
-        "distill", width_fraction=0.5, lr=3e-3, max_steps=80, eval_every=20, batch_size=64
+        "distill", width_fraction=0.5, lr=3e-3, max_steps=50, eval_every=10, batch_size=64
     )
     teacher = Artifact("onnx", "cnn", onnx_path=digits_onnx)
     result = distill.run(teacher, ctx)
