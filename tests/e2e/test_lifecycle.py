@@ -122,6 +122,14 @@ def test_broken_model_is_reported_and_others_serve(tmp_path: Path, start_server)
         client.close()
 
 
+def _pending(server, model: str) -> int:
+    text = httpx.get(f"{server.url}/metrics").text
+    for line in text.splitlines():
+        if line.startswith("nv_inference_pending_request_count") and f'model="{model}"' in line:
+            return int(float(line.split()[-1]))
+    return 0
+
+
 def test_sigterm_drains_in_flight_requests(tmp_path: Path, start_server) -> None:
     repo = tmp_path / "repo"
     config = {"platform": "onnxruntime_onnx", "max_batch_size": 1, "dynamic_batching": {}}
@@ -130,7 +138,10 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path, start_server) -> None
     url = f"{server.url}/v2/models/slow/infer"
     with httpx.Client(timeout=60.0) as client, ThreadPoolExecutor(6) as pool:
         futures = [pool.submit(client.post, url, json=_x(1.0)) for _ in range(6)]
-        time.sleep(0.1)  # let them reach the queue
+        # SIGTERM while the server holds them: one running, several queued
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and _pending(server, "slow") < 3:
+            time.sleep(0.005)
         server.terminate()
         responses = [f.result() for f in futures]
     assert [r.status_code for r in responses] == [200] * 6
