@@ -74,6 +74,8 @@ class Distill(Pass):
     Config = DistillConfig
 
     def requires(self, artifact: Artifact, ctx: PassContext) -> None:
+        if artifact.kind != "onnx":
+            raise PassNotApplicable(f"distill runs on the exported ONNX model, got {artifact.kind}")
         if artifact.family not in self.applies_to:
             raise PassNotApplicable(
                 f"distill applies to transformer and cnn, not {artifact.family}"

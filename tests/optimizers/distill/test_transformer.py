@@ -81,6 +81,27 @@ def test_training_lowers_loss_and_beats_the_untrained_student(teacher_dir, texts
     assert log.curve[0] == (0, pytest.approx(untrained.mean(), abs=1e-6))
 
 
+def test_hidden_state_term_adds_a_token_level_loss(teacher_dir, texts):
+    from transformers import AutoTokenizer
+
+    teacher = load_hf_checkpoint(teacher_dir).artifact.torch_model
+    sequences = tr.tokenize(texts[:96], AutoTokenizer.from_pretrained(str(teacher_dir)), 32)
+    split = split_holdout(len(sequences), fraction=0.2, min_holdout=16, min_train=64)
+    student = tr.build_layer_student(teacher, (0,))
+    plain = tr.EmbeddingDistillTask(teacher, student, sequences, split)
+    tokens = tr.EmbeddingDistillTask(teacher, student, sequences, split, hidden_weight=1.0)
+    assert tokens.teacher_tokens is not None
+    assert tokens.teacher_tokens[0].shape == (len(sequences[0]), 64)
+    batch = split.train[:16]
+    with_tokens = tokens.loss(batch)
+    assert with_tokens.item() > plain.loss(batch).item()
+    with_tokens.backward()
+    assert student.encoder.layer[0].output.dense.weight.grad.abs().sum() > 0
+    # the teacher against itself has no loss left, token term included
+    tokens.student = teacher
+    assert tokens.loss(batch).item() == pytest.approx(0.0, abs=1e-4)
+
+
 @pytest.mark.slow
 def test_pass_exports_a_smaller_student(teacher_dir, texts, tmp_path):
     loaded = load_hf_checkpoint(teacher_dir)
