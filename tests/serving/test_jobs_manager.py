@@ -197,7 +197,7 @@ def test_failed_job_changes_nothing(tmp_path: Path, fake: str, message: str) -> 
 
 
 def test_memory_limit_turns_an_oom_into_a_job_error(tmp_path: Path) -> None:
-    h = Harness(tmp_path, "hungry_optimizer", memory_limit_bytes=3 << 30)
+    h = Harness(tmp_path, "hungry_optimizer", memory_limit_bytes=2 << 30)
 
     async def body(h: Harness) -> JobRecord:
         return await h.wait((await h.submit()).id)
