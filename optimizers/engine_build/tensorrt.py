@@ -135,10 +135,12 @@ def build_engine(
         _check_profiles(inputs, profile_list)
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
+        dynamic = {s.name for s in inputs if -1 in s.shape}
         for shapes in profile_list:
             profile = builder.create_optimization_profile()
             for name, (low, opt, high) in shapes.items():
-                profile.set_shape(name, low, opt, high)
+                if name in dynamic:  # static inputs need (and may take) no range
+                    profile.set_shape(name, low, opt, high)
             config.add_optimization_profile(profile)
         if timing_cache is not None:
             data = timing_cache.read_bytes() if timing_cache.is_file() else b""
@@ -177,22 +179,38 @@ def _tensor_spec(tensor: Any) -> TensorSpec:
 
 
 def _check_profiles(inputs: list[TensorSpec], profiles: list[ProfileShapes]) -> None:
-    """Every dynamic input needs a range in every profile, and only known inputs may have one."""
+    """Every dynamic input needs a range in every profile, only known inputs may have one, and
+    each range must fit the input: same rank, static dims kept, ``min <= opt <= max``."""
     if not profiles:
         raise InvalidInput("at least one optimization profile is needed")
-    names = {s.name for s in inputs}
+    specs = {s.name: s for s in inputs}
     for index, profile in enumerate(profiles):
-        unknown = sorted(set(profile) - names)
+        unknown = sorted(set(profile) - set(specs))
         if unknown:
             raise InvalidInput(
-                f"profile {index} names unknown inputs {unknown}; inputs: {sorted(names)}"
+                f"profile {index} names unknown inputs {unknown}; inputs: {sorted(specs)}"
             )
         for spec in inputs:
-            if -1 in spec.shape and spec.name not in profile:
+            if spec.name in profile:
+                _check_range(index, spec, profile[spec.name])
+            elif -1 in spec.shape:
                 raise InvalidInput(
                     f"profile {index} has no shape range for dynamic input {spec.name!r} "
                     f"{list(spec.shape)}"
                 )
+
+
+def _check_range(index: int, spec: TensorSpec, bounds: tuple[Shape, Shape, Shape]) -> None:
+    where = f"profile {index}, input {spec.name!r} {list(spec.shape)}"
+    if any(len(shape) != len(spec.shape) for shape in bounds):
+        raise InvalidInput(f"{where}: every shape needs rank {len(spec.shape)}, got {bounds}")
+    for axis, (dim, low, opt, high) in enumerate(zip(spec.shape, *bounds, strict=True)):
+        if dim >= 0 and not low == opt == high == dim:
+            raise InvalidInput(f"{where}: dim {axis} is fixed at {dim}, got {low}/{opt}/{high}")
+        if not 0 <= low <= opt <= high:
+            raise InvalidInput(
+                f"{where}: dim {axis} needs 0 <= min <= opt <= max, got {low}/{opt}/{high}"
+            )
 
 
 def _sha256(path: Path) -> str:

@@ -100,6 +100,21 @@ def test_profiles_must_cover_every_dynamic_input_and_nothing_else() -> None:
         _check_profiles(inputs, [])
 
 
+@pytest.mark.parametrize(
+    ("bounds", "message"),
+    [
+        (((1,), (2,), (4,)), "every shape needs rank 2"),
+        (((1, 8), (4, 8), (2, 8)), r"dim 0 needs 0 <= min <= opt <= max, got 1/4/2"),
+        (((1, 8), (2, 8), (4, 16)), "dim 1 is fixed at 8, got 8/8/16"),
+    ],
+)
+def test_profile_ranges_must_fit_the_input(bounds, message: str) -> None:
+    inputs = [TensorSpec("x", "FP32", (-1, 8))]
+    _check_profiles(inputs, [{"x": ((1, 8), (2, 8), (4, 8))}])
+    with pytest.raises(InvalidInput, match=message):
+        _check_profiles(inputs, [{"x": bounds}])
+
+
 # --- TensorRT API glue that needs no GPU ---------------------------------------------------
 
 
