@@ -147,7 +147,8 @@ def run(job_dir: Path) -> int:
         workdir = Path(spec["workdir"])
         workdir.mkdir(parents=True, exist_ok=True)
         calibration = spec.get("calibration")
-        progress({"stage": "start", "message": f"optimizing {spec['source']}", "fraction": 0.0})
+        name = Path(spec["source"]).name
+        progress({"stage": "start", "message": f"optimizing {name}", "fraction": 0.0})
         result = entrypoint(
             Path(spec["source"]),
             request,
@@ -158,7 +159,7 @@ def run(job_dir: Path) -> int:
         )
         data = result_to_json(result)
     except BaseException as exc:
-        cancelled = cancel.is_set() or type(exc).__name__ == "Cancelled"
+        cancelled = cancel.is_set()  # a pipeline out of time is a failure, not a cancel
         message = str(exc) or type(exc).__name__
         error = message if cancelled else f"{type(exc).__name__}: {message}"
         logger.error("job failed: %s\n%s", error, traceback.format_exc())

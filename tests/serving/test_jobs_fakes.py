@@ -115,3 +115,10 @@ def hungry_optimizer(source: Path, request: Any, workdir: Path, **kwargs: Any) -
     kwargs["progress"]({"stage": "search", "message": "allocating", "fraction": 0.2})
     blocks = [bytearray(256 << 20) for _ in range(64)]  # 16 GiB
     return len(blocks)
+
+
+def out_of_time_optimizer(source: Path, request: Any, workdir: Path, **kwargs: Any) -> Any:
+    """The pipeline's own deadline passed before any candidate was done."""
+    from optimizers.passes.base import Cancelled
+
+    raise Cancelled("time budget exhausted")

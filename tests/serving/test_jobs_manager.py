@@ -174,6 +174,7 @@ def test_existing_model_with_the_same_bytes_gets_only_the_winner(tmp_path: Path)
         ("sigkill_optimizer", "killed by SIGKILL"),
         ("exit_optimizer", "exit code 7.*native crash imminent"),
         ("invalid_optimizer", "no inputs the pipeline can feed"),
+        ("out_of_time_optimizer", "Cancelled: time budget exhausted"),
         ("bad_platform_optimizer", "publishing failed.*pytorch_libtorch"),
     ],
 )
