@@ -101,6 +101,9 @@ def minilm(args: argparse.Namespace, workdir: Path) -> dict:
     result = distill.run(teacher, ctx)
     pass_s = time.monotonic() - start
     report = result.report
+    assert result.artifact.onnx_path != teacher.onnx_path, (
+        "the student must not replace the teacher"
+    )
 
     t_session = make_session(teacher.onnx_path, "cpu")
     s_session = make_session(result.artifact.onnx_path, "cpu")

@@ -11,6 +11,7 @@ validation split. Candidate chains run only when the request's ``allow`` names `
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any, ClassVar
@@ -152,8 +153,9 @@ class Distill(Pass):
         )
         meta = {k: v for k, v in artifact.meta.items() if k != "output_name"}
         exporter = meta.get("exporter") if meta.get("exporter") in ("dynamo", "legacy") else "auto"
+        own = dataclasses.replace(ctx, workdir=ctx.scratch("distill"))  # never the teacher's
         exported = get_pass("export", exporter=exporter).run(
-            Artifact("torch", "transformer", torch_model=student, meta=meta), ctx, ["distill"]
+            Artifact("torch", "transformer", torch_model=student, meta=meta), own, ["distill"]
         )
         out = exported.artifact
         out.meta.update(distilled=True, num_layers=len(keep))

@@ -115,6 +115,9 @@ def test_pass_exports_a_smaller_student(teacher_dir, texts, tmp_path):
     result = distill.run(teacher, ctx)
     report = result.report
     assert report["student"]["layers"] == [0, 3]
+    assert result.artifact.onnx_path != teacher.onnx_path
+    assert report["student"]["bytes"] < report["teacher"]["bytes"]
+    assert teacher.onnx_path.is_file()
     assert report["student"]["parameters"] < report["teacher"]["parameters"]
     assert report["student"]["encoder_flops"] == report["teacher"]["encoder_flops"] // 2
     assert report["training"]["best_fidelity"] > report["training"]["initial_fidelity"]
