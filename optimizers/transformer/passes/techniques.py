@@ -8,7 +8,6 @@ original's inputs and first output (``last_hidden_state``), so fidelity compares
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 from optimizers.passes.base import Artifact, Pass, PassContext, PassResult
@@ -70,12 +69,12 @@ class StructPrune(_TransformerPass):
             rearrange=self.config.rearrange, tune=self.config.tune,
             max_batches=self.config.max_batches,
         )
-        cpu0 = time.process_time()
         pruned, report = structured_prune(
             encoder, calibration_batches(ctx, self.name), cfg,
-            progress=ctx.report_progress, check=ctx.check_cancelled,
+            # messages only: the search owns the job's overall fraction
+            progress=lambda message, _fraction: ctx.report_progress(message, None),
+            check=ctx.check_cancelled,
         )
-        report["cpu_s"] = time.process_time() - cpu0
         new = self._export(HiddenStateOnly(PooledEncoder(pruned)), artifact, ctx, pruned,
                            struct_pruned=True)
         return PassResult(new, True, report)
