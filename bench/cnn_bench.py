@@ -298,18 +298,29 @@ def fmt(value: float, digits: int = 2) -> str:
 
 def markdown(results: dict, command: str) -> str:
     lines = [START, "## CNN compression (issue 5): Winograd, static INT8, channel pruning", ""]
-    meta = results["meta"]
+    runs = results.get("runs") or [dict(results["meta"], command=command)]
+    lines.append("Runs that produced these numbers (partial reruns replace their sections only):")
+    lines.append("")
+    for meta in runs:
+        load = meta.get("load_average", ["?"])[0]
+        lines.append(
+            f"- `{meta.get('command', '?')}` — {meta['date']}, {meta['machine']}, "
+            f"ORT {meta['ort']}, "
+            f"{meta['seconds']:.0f} s, intra-op threads {meta.get('threads', 'ORT default')}, "
+            f"load average {load if isinstance(load, str) else f'{load:.1f}'}"
+        )
     lines += [
-        f"Command: `{command}` — {meta['date']}, {meta['machine']}, ORT {meta['ort']}, "
-        f"{meta['seconds']:.0f} s, ORT intra-op threads: {meta.get('threads', 'ORT default')}, "
-        f"load average at the end {meta.get('load_average', ['?'])[0]:.1f}. Medians of "
-        "interleaved rounds after warm-up; the machine is shared with other jobs (load far "
-        "above its 2 cores), so absolute times are noisy, ratios within one table less so.",
+        "",
+        "Medians of interleaved rounds after warm-up. The machine (2 cores) was shared with "
+        "other jobs running their own benchmarks (load average far above 2), so absolute times "
+        "are noisy; ratios within one table are more trustworthy than across tables.",
         "",
     ]
     if "winograd_layers" in results:
         lines += [
             "### Winograd vs ONNX Runtime direct convolution (per layer, 3x3, pad 1)",
+            "",
+            f"ORT intra-op threads for this table: {results.get('winograd_threads', 'default')}.",
             "",
             "| C=K | HxW | batch | direct ms | F(2x2,3x3) ms | F(4x4,3x3) ms | best speedup "
             "| max rel err F2 / F4 |",
@@ -534,6 +545,9 @@ def main() -> None:
     )
     parser.add_argument("--no-write", action="store_true", help="don't touch bench/RESULTS.md")
     parser.add_argument("--threads", type=int, default=None, help="ORT intra-op threads")
+    parser.add_argument(
+        "--render", action="store_true", help="only rewrite the section from results.json"
+    )
     args = parser.parse_args()
     timing.DEFAULT_THREADS = args.threads
     import onnxruntime
@@ -547,11 +561,15 @@ def main() -> None:
     wanted = set(args.only or SECTIONS)
     results: dict = {}
     previous = OUT / "results.json"
-    if args.only and previous.exists():  # a partial rerun keeps the other sections' numbers
-        results = {k: v for k, v in json.loads(previous.read_text()).items() if k != "meta"}
-        results = _int_keys(results)
+    if (args.only or args.render) and previous.exists():  # partial reruns keep other sections
+        results = _int_keys(json.loads(previous.read_text()))
+    if args.render:
+        write_section(markdown(results, results.get("meta", {}).get("command", "")))
+        return
+    runs = results.pop("runs", None) or ([results["meta"]] if "meta" in results else [])
     if "winograd" in wanted:
         results["winograd_layers"] = bench_winograd_layers(args.quick)
+        results["winograd_threads"] = args.threads or "ORT default (2)"
         results["winograd_demo"] = bench_winograd_demo(splits, work)
     if "int8_digits" in wanted:
         results["int8_digits"] = bench_int8_digits(splits, work, args.quick)
@@ -579,6 +597,8 @@ def main() -> None:
         + (f" --threads {args.threads}" if args.threads else "")
         + (f" --only {' '.join(args.only)}" if args.only else "")
     )
+    results["meta"]["command"] = command
+    results["runs"] = [*runs, results["meta"]]
     (OUT / "results.json").write_text(json.dumps(results, indent=1, default=str))
     text = markdown(results, command)
     print(text)
