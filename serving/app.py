@@ -12,11 +12,12 @@ import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serving.auth import ApiKeys, Scope, require
 from serving.errors import SlimServeError
 from serving.routers.responses import error_response
 from serving.settings import Settings
@@ -71,6 +72,25 @@ def optimization_jobs(app: FastAPI) -> contextlib.AbstractAsyncContextManager[An
 
 LIFESPAN_PARTS: list[LifespanPart] = [serving_core, optimization_jobs]
 
+# API-key scope of each router, by tag (serving/auth.py); health stays open for probes and
+# a router with an unknown tag needs the admin key.
+ROUTER_SCOPES: dict[str, Scope | None] = {
+    "health": None,
+    "models": "infer",
+    "inference": "infer",
+    "metrics": "metrics",
+    "repository": "admin",
+    "optimize": "admin",
+}
+
+
+def router_scope(router: APIRouter) -> Scope | None:
+    """The API-key scope guarding ``router``'s routes."""
+    scopes = {ROUTER_SCOPES.get(str(tag), "admin") for tag in router.tags} or {"admin"}
+    if scopes == {None}:
+        return None
+    return "admin" if "admin" in scopes else next(s for s in scopes if s is not None)
+
 
 async def slimserve_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, SlimServeError)
@@ -123,6 +143,10 @@ def build_app(
     """
     settings = settings or Settings()
     parts = list(LIFESPAN_PARTS if lifespan_parts is None else lifespan_parts)
+    if settings.metrics_port is not None:
+        from serving.routers.metrics import metrics_port
+
+        parts.append(metrics_port)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -138,8 +162,12 @@ def build_app(
         exception_handlers=EXCEPTION_HANDLERS,
     )
     app.state.settings = settings
+    app.state.api_keys = ApiKeys.from_settings(settings)
     for router in default_routers() if routers is None else routers:
-        app.include_router(router)
+        if settings.metrics_port is not None and "metrics" in router.tags:
+            continue  # served on its own port (serving.routers.metrics.metrics_port)
+        scope = router_scope(router)
+        app.include_router(router, dependencies=[Depends(require(scope))] if scope else None)
     if fast_infer:
         from serving.routers.infer import InferFastPath
 

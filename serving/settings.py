@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 if TYPE_CHECKING:
@@ -66,6 +66,18 @@ class Settings(BaseSettings):
     max_concurrent_jobs: int = Field(1, ge=1)
     max_upload_bytes: int = Field(2048 * MiB, gt=0)
     load_workers: int = Field(2, ge=1, description="threads loading and warming up models")
+    # access control (serving/auth.py): a scope without a key is open; *_file wins
+    infer_api_key: SecretStr | None = Field(None, description="key for inference + metadata")
+    infer_api_key_file: Path | None = Field(None, description="file holding the infer key")
+    admin_api_key: SecretStr | None = Field(
+        None, description="key for load/unload, index, uploads and jobs (also opens infer)"
+    )
+    admin_api_key_file: Path | None = Field(None, description="file holding the admin key")
+    metrics_api_key: SecretStr | None = Field(None, description="key for GET /metrics")
+    metrics_api_key_file: Path | None = Field(None, description="file holding the metrics key")
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="serve /metrics on this port only (not the main one)"
+    )
 
     @field_validator("startup_models", "cors_origins", mode="before")
     @classmethod

@@ -322,12 +322,49 @@ def test_object_storage_init_container_and_api_key_secret(chart) -> None:
     assert {"name": "model-repository", "mountPath": "/models"} in init["volumeMounts"]
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert "emptyDir" in volumes["model-repository"]
-    (key,) = spec["containers"][0]["env"]
-    assert key == {
-        "name": "SLIMSERVE_API_KEYS",
-        "valueFrom": {"secretKeyRef": {"name": "slimserve-keys", "key": "api-keys"}},
+    server = spec["containers"][0]
+    env = {e["name"]: e["value"] for e in server["env"]}
+    # the settings serving/settings.py reads; metrics has no key by default (scope open)
+    assert env == {
+        "SLIMSERVE_INFER_API_KEY_FILE": "/etc/slimserve/api-keys/infer",
+        "SLIMSERVE_ADMIN_API_KEY_FILE": "/etc/slimserve/api-keys/admin",
     }
+    assert {"name": "api-keys", "mountPath": "/etc/slimserve/api-keys", "readOnly": True} in (
+        server["volumeMounts"]
+    )
+    secret = volumes["api-keys"]["secret"]
+    assert secret["secretName"] == "slimserve-keys"
+    assert secret["items"] == [
+        {"key": "infer-api-key", "path": "infer"},
+        {"key": "admin-api-key", "path": "admin"},
+    ]
     assert "Secret" not in manifests  # referenced, never created from values
+
+
+def test_metrics_key_is_mounted_and_used_by_the_service_monitor(chart) -> None:
+    values = {
+        **SERVICE_MONITOR,
+        "apiKeys": {"existingSecret": "keys", "metricsKey": "scrape", "inferKey": ""},
+    }
+    manifests = render(chart, values)
+    server = container(manifests)
+    env = {e["name"]: e["value"] for e in server["env"]}
+    assert env == {
+        "SLIMSERVE_ADMIN_API_KEY_FILE": "/etc/slimserve/api-keys/admin",
+        "SLIMSERVE_METRICS_API_KEY_FILE": "/etc/slimserve/api-keys/metrics",
+    }
+    (endpoint,) = one(manifests, "ServiceMonitor")["spec"]["endpoints"]
+    assert endpoint["authorization"] == {
+        "type": "Bearer",
+        "credentials": {"name": "keys", "key": "scrape"},
+    }
+
+
+def test_no_api_key_secret_means_no_key_settings(chart) -> None:
+    manifests = render(chart, {})
+    server = container(manifests)
+    assert "env" not in server
+    assert "api-keys" not in {m["name"] for m in server["volumeMounts"]}
 
 
 def test_image_repository_source_mounts_nothing_on_models(chart) -> None:
