@@ -458,7 +458,11 @@ class DynamicBatcher:
                     pending.future.set_exception(_copy_error(results))
         else:
             for pending, result in zip(batch, results, strict=True):
-                if not pending.future.done():
+                if pending.future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    pending.future.set_exception(result)
+                else:
                     pending.future.set_result(result)
         self._check_drained()
         self._changed.set()
@@ -489,15 +493,36 @@ class DynamicBatcher:
 
     def _execute(
         self, engine: Engine, batch: list[_Pending]
-    ) -> list[tuple[dict[str, np.ndarray], RequestTimings]] | BaseException:
-        """Runs on the instance's worker thread: concatenate, infer, split."""
+    ) -> list[tuple[dict[str, np.ndarray], RequestTimings] | BaseException] | BaseException:
+        """Runs on the instance's worker thread: concatenate, infer, split.
+
+        When the engine fails on a batch of several requests, each is run again alone, so
+        only the requests that fail by themselves get the error.
+        """
         try:
-            return self._run_batch(engine, batch)
-        except SlimServeError as exc:
-            return exc
+            return list(self._run_batch(engine, batch))
         except Exception as exc:
-            log.exception("model '%s' failed on a batch of %d requests", self.name, len(batch))
-            return EngineError(f"model '{self.name}' failed: {type(exc).__name__}: {exc}")
+            error = self._engine_error(exc)
+            if len(batch) == 1 or not isinstance(error, EngineError):
+                return error
+            log.warning(
+                "model '%s' failed on a batch of %d requests; running them one by one: %s",
+                self.name, len(batch), error,
+            )  # fmt: skip
+        results: list[tuple[dict[str, np.ndarray], RequestTimings] | BaseException] = []
+        for pending in batch:
+            try:
+                results.extend(self._run_batch(engine, [pending]))
+            except Exception as exc:
+                results.append(self._engine_error(exc))
+        return results
+
+    def _engine_error(self, exc: Exception) -> SlimServeError:
+        """``exc`` as the error its caller gets (unknown exceptions logged, then a 500)."""
+        if isinstance(exc, SlimServeError):
+            return exc
+        log.error("model '%s' failed", self.name, exc_info=exc)
+        return EngineError(f"model '{self.name}' failed: {type(exc).__name__}: {exc}")
 
     def _run_batch(
         self, engine: Engine, batch: list[_Pending]

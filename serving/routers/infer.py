@@ -18,6 +18,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from serving.auth import authorize
 from serving.batching import DynamicBatcher
 from serving.errors import InvalidInput, PayloadTooLarge, SlimServeError
 from serving.manager import LoadedVersion
@@ -121,6 +122,8 @@ async def infer_bytes(
     """Decode, check, batch, encode; metrics and statistics for every outcome."""
     started = time.perf_counter_ns()
     state = request.app.state
+    if state.api_keys.infer is not None:
+        authorize(request, "infer")
     loaded: LoadedVersion = state.models.get(name, parse_version(version))
     limits: ProtocolLimits = state.limits
     metrics = state.metrics
@@ -165,15 +168,67 @@ async def infer_bytes(
     return content, out_headers
 
 
+_TENSOR = {
+    "type": "object",
+    "required": ["name", "shape", "datatype"],
+    "properties": {
+        "name": {"type": "string"},
+        "shape": {"type": "array", "items": {"type": "integer"}},
+        "datatype": {"type": "string", "example": "FP32"},
+        "parameters": {"type": "object"},
+        "data": {"type": "array", "description": "row-major values (may be nested)"},
+    },
+}
+# The body is read raw (JSON, or JSON header + binary tensors); described here for clients
+# and schema fuzzing.
+INFER_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["inputs"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "parameters": {"type": "object"},
+                        "inputs": {"type": "array", "items": _TENSOR},
+                        "outputs": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["name"],
+                                "properties": {
+                                    "name": {"type": "string"},
+                                    "parameters": {"type": "object"},
+                                },
+                            },
+                        },
+                    },
+                }
+            },
+            "application/octet-stream": {
+                "schema": {
+                    "type": "string",
+                    "format": "binary",
+                    "description": "binary tensor extension: JSON header of "
+                    "Inference-Header-Content-Length bytes, then the tensors' bytes",
+                }
+            },
+        },
+    }
+}
+
+
 # The documented routes (OpenAPI); requests normally take InferFastPath below instead.
-@router.post("/v2/models/{name}/infer")
+@router.post("/v2/models/{name}/infer", openapi_extra=INFER_DOC)
 async def infer(name: str, request: Request) -> Response:
     """Run inference on the newest ready version."""
     content, headers = await infer_bytes(request, name, None)
     return Response(content=content, headers=headers)
 
 
-@router.post("/v2/models/{name}/versions/{version}/infer")
+@router.post("/v2/models/{name}/versions/{version}/infer", openapi_extra=INFER_DOC)
 async def infer_version(name: str, version: str, request: Request) -> Response:
     """Run inference on one version."""
     content, headers = await infer_bytes(request, name, version)

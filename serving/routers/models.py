@@ -8,6 +8,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
 from serving.backends import TensorSpec
+from serving.errors import ModelNotReady
 from serving.manager import LoadedVersion, ModelManager
 from serving.model_config import config_to_json
 from serving.routers.deps import ModelsDep, parse_version
@@ -60,10 +61,11 @@ async def version_metadata(name: str, version: str, models: ModelsDep) -> JSONRe
 
 
 def _ready(models: ModelManager, name: str, version: str | None) -> Response:
-    ready, reason = models.is_ready(name, parse_version(version))
-    if ready:
-        return JSONResponse({"name": name, "ready": True})
-    return JSONResponse({"name": name, "ready": False, "error": reason}, status_code=503)
+    try:  # an unknown model or version is a client mistake (404), not an unready server
+        models.get(name, parse_version(version))
+    except ModelNotReady as exc:
+        return JSONResponse({"name": name, "ready": False, "error": str(exc)}, status_code=503)
+    return JSONResponse({"name": name, "ready": True})
 
 
 @router.get("/v2/models/{name}/ready")
