@@ -209,6 +209,9 @@ def load_hf_checkpoint(folder: Path) -> LoadedSource:
         "ort_model_type": ORT_MODEL_TYPES.get(model_type, "bert"),
         "dynamic_axes": {name: {0: "batch", 1: "sequence"} for name in input_names},
         "tokenizer_dir": str(tokenizer_dir) if tokenizer_dir else None,
+        # the checkpoint folder, for passes that need the PyTorch weights after export
+        "source_dir": str(folder),
+        "checkpoint_dir": str(folder),
     }
     artifact = Artifact("torch", "transformer", torch_model=model, meta=meta)
     description = {

@@ -36,6 +36,8 @@ class _Progress:
         self.callback = callback
         self.stage = "load"
         self.candidate: str | None = None
+        self.base = 0.0  # overall fraction where the current step starts ...
+        self.span = 0.0  # ... and the share of the whole job it covers
 
     def emit(self, stage: str, message: str, fraction: float | None = None) -> None:
         self.stage = stage
@@ -50,7 +52,11 @@ class _Progress:
             )
 
     def from_pass(self, message: str, fraction: float | None) -> None:
-        self.emit(self.stage, message, fraction)
+        """A pass's own progress (0..1 of its work) mapped into the job's overall fraction."""
+        overall = None
+        if fraction is not None and self.span > 0:
+            overall = self.base + self.span * min(max(float(fraction), 0.0), 1.0)
+        self.emit(self.stage, message, overall)
 
 
 def optimize(
@@ -123,12 +129,14 @@ def optimize(
 
     def on_candidate(label: str, done: int, total: int) -> None:
         events.candidate = label
-        events.emit("search", f"candidate {done}/{total}: {label}", (done - 1) / max(total, 1))
+        events.base, events.span = (done - 1) / max(total, 1), 1 / max(total, 1)
+        events.emit("search", f"candidate {done}/{total}: {label}", events.base)
 
     search = Search(artifact, ctx, settings, timing, on_candidate)
     chains, skipped_chains = build_chains(artifact.family, request.target, request.allow)
     search.run(chains)
     events.candidate = None
+    events.span = 0.0
     winner = search.winner()
 
     events.emit("report", f"winner: {winner.id}", 1.0)

@@ -123,6 +123,8 @@ def test_hf_checkpoint_archive_loads(tiny_bert_dir: Path, tmp_path: Path) -> Non
     assert loaded.description["archive"] == "ckpt.tar.gz"
     assert loaded.artifact.meta["input_names"] == ["input_ids", "attention_mask", "token_type_ids"]
     assert loaded.tokenizer_dir is not None
+    # recorded for passes that need the PyTorch weights after export
+    assert (Path(loaded.artifact.meta["source_dir"]) / "model.safetensors").is_file()
     # eager attention, as required for ORT's attention fusion
     assert loaded.artifact.torch_model.config._attn_implementation == "eager"
 
