@@ -85,7 +85,7 @@ def test_transformer_job_distills_a_hugging_face_checkpoint(tmp_path):
         batch_size=4,
         seq_len=32,
         min_cosine=0.5,
-        time_budget_s=100,
+        time_budget_s=300,
         allow=("distill",),
     )
     result = run_optimization(folder, request, tmp_path / "job", calibration=calibration)
