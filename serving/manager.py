@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import gc
 import logging
 import os
 import shutil
@@ -217,6 +219,28 @@ def _fill(datatype: str, shape: list[int], *, random: bool) -> np.ndarray:
     if dtype.kind == "b":
         return rng.integers(0, 2, shape).astype(dtype)
     return rng.integers(0, 8, shape).astype(dtype)
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``), so
+    the server's RSS returns to where it was after a model is unloaded."""
+    gc.collect()
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _libc() -> Any:
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
 
 
 class ModelManager:
@@ -669,6 +693,7 @@ class ModelManager:
             record.versions.clear()
             record.error = ""
             record.signature = None
+        await self._run(release_memory)
         log.info("model '%s' %s", record.name, reason)
 
     async def _drop(self, loaded: LoadedVersion, timeout_s: float) -> None:
