@@ -46,6 +46,7 @@ from serving.statistics import ModelStatistics
 if TYPE_CHECKING:
     from serving.metrics import ServerMetrics
     from serving.settings import Settings
+    from serving.shadow import ShadowMonitor
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class LoadedVersion:
     signature: tuple[Any, ...]
     state: ModelState = ModelState.READY
     active: int = 0
+    shadow: ShadowMonitor | None = None  # set while shadowed against its source version
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -262,6 +264,9 @@ class ModelManager:
         self._poll_lock = asyncio.Lock()
         self.ready = False
         self.closing = False
+        from serving.shadow import Shadows
+
+        self.shadows = Shadows(self)
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -316,6 +321,7 @@ class ModelManager:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+        await self.shadows.stop_all()
         versions = [
             status.loaded
             for record in self._records.values()
@@ -457,7 +463,7 @@ class ModelManager:
             if version is None:
                 ready = record.ready_versions()
                 if ready:
-                    return ready[-1]
+                    return self.shadows.route(ready[-1])
             else:
                 status = record.versions.get(version)
                 if status is not None and status.loaded is not None:
@@ -616,6 +622,10 @@ class ModelManager:
                     old.append(status.loaded)
         # new versions serve now; drop the replaced ones after their requests finish
         await asyncio.gather(*(self._drop(v, self.settings.drain_timeout_s) for v in old))
+        try:
+            await self.shadows.refresh(record)
+        except Exception:
+            log.exception("shadow set-up of '%s' failed", name)
         return record
 
     async def _load_version(
@@ -683,6 +693,7 @@ class ModelManager:
 
     # -- unloading ---------------------------------------------------------------------
     async def _unload_record(self, record: ModelRecord, *, reason: str) -> None:
+        await self.shadows.stop(record.name)
         async with record.lock:
             dropping = []
             for status in record.versions.values():

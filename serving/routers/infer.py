@@ -165,6 +165,8 @@ async def infer_bytes(
     elapsed = time.perf_counter_ns() - started
     metrics.request_succeeded(name, label, request_ns=elapsed, timings=timings, rows=rows)
     loaded.statistics.record_success(timings, rows, request_ns=elapsed)
+    if loaded.shadow is not None:  # sampled copy to the source version, off the request path
+        loaded.shadow.offer(arrays, outputs, output_names)
     return content, out_headers
 
 

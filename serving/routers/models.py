@@ -20,10 +20,15 @@ def _tensors(specs: list[TensorSpec]) -> list[dict[str, Any]]:
     return [{"name": s.name, "datatype": s.datatype, "shape": list(s.shape)} for s in specs]
 
 
+def _version_stats(loaded: LoadedVersion) -> dict[str, Any]:
+    stats = loaded.statistics.to_dict(loaded.name, str(loaded.version))
+    if loaded.shadow is not None:  # rolling agreement with the source version
+        stats["shadow"] = loaded.shadow.summary()
+    return stats
+
+
 def _stats(versions: list[LoadedVersion]) -> JSONResponse:
-    return JSONResponse(
-        {"model_stats": [v.statistics.to_dict(v.name, str(v.version)) for v in versions]}
-    )
+    return JSONResponse({"model_stats": [_version_stats(v) for v in versions]})
 
 
 # registered before /v2/models/{name} so that "stats" is not taken for a model name
