@@ -33,7 +33,12 @@ class PackedEncoder(nn.Module):
         enc = self.encoder
         b, s = input_ids.shape[0], input_ids.shape[1]
         mask = attention_mask.to(torch.long)
-        idx = torch.nonzero(mask.reshape(-1)).squeeze(1)  # [T] positions of real tokens
+        flat = mask.reshape(-1)
+        idx = torch.nonzero(flat).squeeze(1)  # [T] padded positions of the real tokens
+        # padded position -> packed row, or the extra all-zero row T for padding (a Gather,
+        # which ORT runs in parallel, instead of a ScatterND into a zero tensor)
+        total = idx.shape[0]
+        unpack = torch.where(flat > 0, torch.cumsum(flat, 0) - 1, torch.full_like(flat, total))
         ids = input_ids.reshape(-1)[idx]
         pos = enc.embeddings.position_ids(mask).reshape(-1)[idx]
         types = token_type_ids.reshape(-1)[idx] if token_type_ids is not None else None
@@ -44,8 +49,8 @@ class PackedEncoder(nn.Module):
                 width = layer.heads * layer.head_dim
                 q, k, v = layer.project_qkv(h)
                 qkv = torch.cat([q, k, v], dim=1)
-                padded = torch.zeros(b * s, 3 * width, dtype=h.dtype)
-                padded = padded.index_put((idx,), qkv).reshape(b, s, 3 * width)
+                qkv = torch.cat([qkv, torch.zeros(1, 3 * width, dtype=h.dtype)], dim=0)
+                padded = qkv[unpack].reshape(b, s, 3 * width)
                 qp, kp, vp = torch.split(padded, width, dim=2)
                 ctx, _ = layer.attend(qp, kp, vp, bias)
                 h = layer.attention_out(ctx.reshape(b * s, width)[idx], h)
@@ -53,7 +58,8 @@ class PackedEncoder(nn.Module):
                 h = layer.attention_out(None, h)
             h = layer.feed_forward(h)
         hidden = h.shape[1]
-        out = torch.zeros(b * s, hidden, dtype=h.dtype).index_put((idx,), h).reshape(b, s, hidden)
+        rows = torch.cat([h, torch.zeros(1, hidden, dtype=h.dtype)], dim=0)
+        out = rows[unpack].reshape(b, s, hidden)
         return out, mean_pool(out, mask)
 
 
