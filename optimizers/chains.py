@@ -58,13 +58,10 @@ DEFAULT_CHAINS: dict[str, dict[str, list[list[Step]]]] = {
 }
 
 
-# Passes that run only when the request's ``allow`` names them (costly: training a student).
-# A pass can also opt in with a class attribute ``opt_in = True``.
-OPT_IN_PASSES = frozenset({"distill"})
-
-
 def is_opt_in(name: str, passes: dict[str, Any]) -> bool:
-    return name in OPT_IN_PASSES or bool(getattr(passes.get(name), "opt_in", False))
+    """Whether pass ``name`` declares ``opt_in = True`` (runs only when ``allow`` names it)."""
+    cls = passes.get(name)
+    return bool(cls is not None and cls.opt_in)
 
 
 def chain_label(chain: list[Step]) -> str:

@@ -128,13 +128,17 @@ class Pass(ABC):
 
     Subclasses set ``name``, ``applies_to`` (model families, or ``{"generic"}`` for any
     graph), ``helps`` (targets it can make faster), ``input_kind`` (``"torch"``/``"onnx"``)
-    and hold a frozen dataclass ``config``.
+    and hold a frozen dataclass ``config``; ``opt_in = True`` keeps a pass out of the search
+    unless the request's ``allow`` names it.
     """
 
     name: ClassVar[str]
     applies_to: ClassVar[frozenset[str]] = frozenset({"generic"})
     helps: ClassVar[frozenset[str]] = frozenset({"cpu", "cuda", "tensorrt"})
     input_kind: ClassVar[ArtifactKind] = "onnx"
+    opt_in: ClassVar[bool] = False
+    """Costly or data-hungry passes set this: chains containing them run only when the
+    request's ``allow`` names the pass (``optimizers.chains.build_chains``)."""
 
     def __init__(self, config: Any = None) -> None:
         self.config = config
