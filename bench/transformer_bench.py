@@ -115,7 +115,7 @@ def main() -> None:
     cal_sent = [sentences[i] for i in order[: args.calibration]]
     held_sent = [sentences[i] for i in order[1000:1128]]
     passages = doc_passages(64, words=110)
-    long_passages = doc_passages(24, words=230, offset=20000)
+    long_passages = doc_passages(24, words=230, offset=1500)
     cal_pass, held_pass = passages[:32], passages[32:]
     cal_batches = batches(tok, cal_sent, 8, 128)
     held_batches = batches(tok, held_sent, 32, 128) + batches(tok, held_pass, 8, 128)
