@@ -21,6 +21,7 @@ import numpy as np
 from optimizers.archive import is_archive, safe_extract, single_root
 from optimizers.onnxutil import graph_io, load_model, op_counts, save_model
 from optimizers.passes.base import Artifact
+from optimizers.pickle_scan import check_pt2
 from serving.errors import InvalidInput
 from serving.fileutil import confined
 
@@ -266,7 +267,12 @@ def transformer_example(meta: dict[str, Any], batch: int, seq: int, seed: int = 
 
 # -- torch.export ----------------------------------------------------------------------
 def load_pt2(path: Path) -> LoadedSource:
-    """Load a ``torch.export`` archive (``torch.export.save``); its example inputs drive export."""
+    """Load a ``torch.export`` archive (``torch.export.save``); its example inputs drive export.
+
+    Every pickle inside is scanned first (``optimizers.pickle_scan.check_pt2``) and the archive
+    refused if one names a global beyond plain tensors: ``torch.export.load`` would run it.
+    """
+    check_pt2(path)
     import torch
 
     try:
