@@ -311,22 +311,35 @@ def quantize_cnn(
         probe = evaluation.subset(options.sensitivity_samples)
         ranking = sensitivity(pre, workdir, calibration, probe, method, options, check)
         report["sensitivity"] = ranking
+        # Leaving a layer in float is not monotone (it moves Q/DQ pairs around its
+        # neighbours), so every step is scored and the best set is kept if none passes.
+        best_path = workdir / "int8_best_excluded.onnx"
+        shutil.copy(path, best_path)
+        best = (list(excluded), score)
+        steps = [{"excluded": 0, **score}]
+        candidate = list(excluded)
         for row in ranking[: options.max_excluded]:
             if check is not None:
                 check()
-            excluded.append(row["node"])
-            path = quantize(
+            candidate.append(row["node"])
+            step_path = quantize(
                 pre,
                 workdir / "int8_excluded.onnx",
                 calibration,
                 method,
                 options,
-                exclude=excluded,
+                exclude=candidate,
                 cache_dir=workdir,
             )
-            score = evaluation.score(evaluation.outputs(path))
-            if passes(score, options):
+            step_score = evaluation.score(evaluation.outputs(step_path))
+            steps.append({"excluded": len(candidate), **step_score})
+            if passes(step_score, options) or _rank(step_score) > _rank(best[1]):
+                shutil.copy(step_path, best_path)
+                best = (list(candidate), step_score)
+            if passes(step_score, options):
                 break
+        report["exclusion_steps"] = steps
+        excluded, score, path = best[0], best[1], best_path
     report["excluded"] = excluded
     report["int8"] = score
     report["within_bound"] = passes(score, options)

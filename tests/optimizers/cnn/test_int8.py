@@ -72,9 +72,15 @@ def test_exclusion_leaves_layers_in_float_until_bound_or_limit(
 ):
     options = int8.Int8Options(methods=("minmax",), max_mse=1e-12, max_excluded=2)
     path, report = int8.quantize_cnn(digits_model, tmp_path, calibration, evaluation, options)
-    assert len(report["excluded"]) == 2
     assert not report["within_bound"]
-    assert report["excluded"] == [r["node"] for r in report["sensitivity"][:2]]
+    steps = report["exclusion_steps"]
+    assert [step["excluded"] for step in steps] == [0, 1, 2]  # tried up to the limit
+    ranked = [r["node"] for r in report["sensitivity"]]
+    assert report["excluded"] == ranked[: len(report["excluded"])]  # most sensitive first
+    kept = steps[len(report["excluded"])]
+    best = max(steps, key=lambda step: (step["accuracy"], -step["mse"]))
+    assert kept == best  # the best-scoring step is returned, not merely the last
+    assert report["int8"]["mse"] == pytest.approx(kept["mse"])
     model = graph.load(path)
     producers = graph.producers(model)
     for node in model.graph.node:
