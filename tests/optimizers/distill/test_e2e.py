@@ -72,7 +72,10 @@ def upload_and_serve(
     assert job["state"] == "succeeded", job.get("error")
     version = job["published_version"]
     report = json.loads((repo / "digits" / str(version) / "report.json").read_text())
-    assert report["winner"]["passes"] == ["distill"], report["candidates"]
+    reasons = [
+        (c["label"], c["status"], c["reason"], c["latency_ms"]) for c in report["candidates"]
+    ]
+    assert report["winner"]["passes"] == ["distill"], reasons
     client = server.client()
 
     def accuracy(model_version: str) -> float:
