@@ -26,7 +26,8 @@ class MeasureSettings:
 
 
 def time_calls(fn: Callable[[], Any], settings: MeasureSettings = MeasureSettings()) -> dict:
-    """Run ``fn`` ``warmup`` times, then time it; returns median/p90/min ms and run count."""
+    """Run ``fn`` ``warmup`` times, then time it; returns median, quartiles (p25/p75 and their
+    spread ``iqr_ms``), p90 and min in ms, and the run count."""
     for _ in range(settings.warmup):
         fn()
     times: list[float] = []
@@ -38,8 +39,12 @@ def time_calls(fn: Callable[[], Any], settings: MeasureSettings = MeasureSetting
         if len(times) >= settings.min_repeats and time.perf_counter() > budget_end:
             break
     ordered = sorted(times)
+    q1, _, q3 = statistics.quantiles(ordered, n=4) if len(ordered) > 1 else (ordered[0],) * 3
     return {
         "median_ms": float(statistics.median(ordered)),
+        "p25_ms": float(q1),
+        "p75_ms": float(q3),
+        "iqr_ms": float(q3 - q1),
         "p90_ms": float(ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]),
         "min_ms": float(ordered[0]),
         "runs": len(ordered),

@@ -275,6 +275,14 @@ def build_report(
         "export": export_report,
         "candidates": candidates,
         "skipped_chains": skipped_chains,
+        "search": {
+            "slower_tolerance": search.settings.slower_tolerance,
+            "note": (
+                "a candidate is dropped as slower only when its median latency exceeds its "
+                "parent's by more than slower_tolerance; latency.iqr_ms and latency_spread "
+                "(IQR / median) show how noisy each measurement was"
+            ),
+        },
         "winner": {
             "id": winner.id,
             "passes": winner_entry["passes"],

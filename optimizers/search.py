@@ -3,8 +3,9 @@
 Every node of the tree (a chain prefix) is a candidate: its passes run on its parent's
 artifact, then it is measured (latency on the target at the requested shapes; fidelity to
 the original on held-out data). A candidate is dropped, with the reason recorded, when a
-pass fails or does not apply, changes nothing, is slower than its parent, or falls outside
-the fidelity bound. The winner is the fastest kept candidate (the original is the fallback).
+pass fails or does not apply, changes nothing, is slower than its parent (median beyond
+``SearchSettings.slower_tolerance``, 3% by default, to absorb measurement noise), or falls
+outside the fidelity bound. The winner is the fastest kept candidate (the original is the fallback).
 """
 
 from __future__ import annotations
@@ -47,6 +48,13 @@ class Candidate:
     def latency_ms(self) -> float | None:
         return None if self.latency is None else self.latency["median_ms"]
 
+    @property
+    def latency_spread(self) -> float | None:
+        """Interquartile range over the median of the timed runs (how noisy the number is)."""
+        if not self.latency or not self.latency.get("median_ms") or "iqr_ms" not in self.latency:
+            return None
+        return self.latency["iqr_ms"] / self.latency["median_ms"]
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "id": self.id,
@@ -56,6 +64,7 @@ class Candidate:
             "parent": self.parent,
             "latency_ms": self.latency_ms,
             "latency": self.latency,
+            "latency_spread": self.latency_spread,
             "fidelity": self.fidelity,
             "size_bytes": self.size_bytes,
             "status": self.status,
@@ -71,9 +80,21 @@ class SearchSettings:
 
     bound: dict[str, float]
     measure: MeasureSettings = field(default_factory=MeasureSettings)
-    slower_tolerance: float = 0.0
+    slower_tolerance: float = 0.03
+    """A candidate is dropped as slower only when its median latency exceeds its parent's by
+    more than this fraction: on a noisy machine two equal graphs differ by a few percent, and a
+    zero tolerance would drop a candidate as good as its parent. Each candidate's measured
+    spread (``latency.iqr_ms``, ``latency_spread`` = IQR / median) is in the report."""
     pass_defaults: dict[str, Any] = field(default_factory=dict)
     """Values for pass config fields the chain does not set (e.g. ``target_cosine``)."""
+
+
+def _spreads(candidate: Candidate, parent: Candidate) -> str:
+    """`` (IQR x ms vs y ms)`` when both latencies carry their spread."""
+    mine, theirs = (c.latency.get("iqr_ms") if c.latency else None for c in (candidate, parent))
+    if mine is None or theirs is None:
+        return ""
+    return f" (IQR {mine:.3f} ms vs parent {theirs:.3f} ms)"
 
 
 def _key(steps: list[Step]) -> str:
@@ -208,14 +229,22 @@ class Search:
         elif (
             parent_ms is not None
             and candidate.latency_ms is not None
-            and (candidate.latency_ms >= parent_ms * (1.0 + self.settings.slower_tolerance))
+            and candidate.latency_ms > parent_ms * (1.0 + self.settings.slower_tolerance)
         ):
             candidate.reason = (
-                f"slower than its parent {parent.id}: {candidate.latency_ms:.2f} ms "
-                f">= {parent_ms:.2f} ms"
+                f"slower than its parent {parent.id}: median {candidate.latency_ms:.3f} ms "
+                f"> {parent_ms:.3f} ms + {self.settings.slower_tolerance:.0%} tolerance"
+                f"{_spreads(candidate, parent)}"
             )
         else:
             candidate.status, candidate.reason = KEPT, why
+            ms = candidate.latency_ms
+            if parent_ms is not None and ms is not None and ms >= parent_ms:
+                candidate.reason += (
+                    f"; not faster than its parent {parent.id} ({ms:.3f} vs {parent_ms:.3f} ms)"
+                    f" but within the {self.settings.slower_tolerance:.0%} noise tolerance"
+                    f"{_spreads(candidate, parent)}"
+                )
 
     def _config(self, name: str, overrides: dict[str, Any]) -> dict[str, Any]:
         from dataclasses import fields
