@@ -20,6 +20,7 @@ _STATIC_PCT = ("quantize_static", {"calibrate_method": "percentile"})
 _STATIC_ENT = ("quantize_static", {"calibrate_method": "entropy"})
 _FP16 = ("fp16", {})
 _LOWRANK = ("lowrank", {})
+_TRT = ("tensorrt_build", {})
 
 DEFAULT_CHAINS: dict[str, dict[str, list[list[Step]]]] = {
     "transformer": {
@@ -33,12 +34,13 @@ DEFAULT_CHAINS: dict[str, dict[str, list[list[Step]]]] = {
             [_LOWRANK, _DYN],
         ],
         "cuda": [[_FUSE], [_FUSE, _FP16], [_STATIC], [_LOWRANK, _FUSE, _FP16]],
-        "tensorrt": [[_FUSE], [_FP16], [_STATIC]],
+        # no ORT fusions before a TensorRT build: their contrib ops do not parse in TensorRT
+        "tensorrt": [[_FUSE], [_FP16], [_STATIC], [_TRT], [_FP16, _TRT], [_STATIC, _TRT]],
     },
     "cnn": {
         "cpu": [[_GRAPH], [_GRAPH, _STATIC], [_DYN], [_FP16], [_LOWRANK]],
         "cuda": [[_GRAPH], [_FP16], [_STATIC]],
-        "tensorrt": [[_FP16], [_STATIC]],
+        "tensorrt": [[_FP16], [_STATIC], [_TRT], [_FP16, _TRT], [_STATIC, _TRT]],
     },
     "generic": {
         "cpu": [
@@ -53,7 +55,7 @@ DEFAULT_CHAINS: dict[str, dict[str, list[list[Step]]]] = {
             [_LOWRANK, _DYN],
         ],
         "cuda": [[_GRAPH], [_FP16], [_STATIC]],
-        "tensorrt": [[_FP16], [_STATIC]],
+        "tensorrt": [[_FP16], [_STATIC], [_TRT], [_FP16, _TRT], [_STATIC, _TRT]],
     },
 }
 

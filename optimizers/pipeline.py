@@ -2,12 +2,21 @@
 
 Called through ``optimizers.api.run_optimization``; writes everything under ``workdir``
 (``source/``, ``passes/``, ``original/model.onnx``, ``result/model.onnx`` + report files).
+
+TensorRT (``target="tensorrt"``): a winner carrying a plan (``meta["tensorrt_plan"]``, from the
+``tensorrt_build`` pass) is published as ``result/model.plan`` + ``model.plan.json`` with
+platform ``tensorrt_plan``; plan-carrying candidates are preferred over plain ONNX ones (their
+latency and fidelity are those of the ONNX graph the plan was built from, measured in ONNX
+Runtime). When no plan could be built (no TensorRT or GPU: the pass is not applicable), the
+job falls back to the best ONNX candidate for ``onnxruntime_onnx`` and ``report["tensorrt"]``
+says why.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -17,7 +26,7 @@ import numpy as np
 
 from optimizers.api import OptimizationRequest, OptimizationResult, ProgressCallback
 from optimizers.calibration import load_calibration, synthetic_feeds
-from optimizers.chains import build_chains
+from optimizers.chains import build_chains, chain_label
 from optimizers.loaders import LoadedSource, load_source, transformer_example
 from optimizers.measure import MeasureSettings, torch_latency
 from optimizers.onnxutil import graph_io, load_model, model_files, save_model
@@ -27,6 +36,8 @@ from optimizers.report import plot, write_json
 from optimizers.search import Search, SearchSettings
 
 PLATFORM = "onnxruntime_onnx"
+PLAN_PLATFORM = "tensorrt_plan"
+PLAN_PASS = "tensorrt_build"
 
 
 class _Progress:
@@ -137,11 +148,11 @@ def optimize(
     search.run(chains)
     events.candidate = None
     events.span = 0.0
-    winner = search.winner()
+    winner = pick_winner(search, request.target)
 
     events.emit("report", f"winner: {winner.id}", 1.0)
     result_dir = workdir / "result"
-    engine = save_model(load_model(winner.artifact.onnx_path), result_dir / "model.onnx")
+    engine, platform, files = save_engine(winner.artifact, result_dir)
     report = build_report(
         request,
         loaded,
@@ -153,7 +164,9 @@ def optimize(
         skipped_chains,
         time.monotonic() - started,
     )
-    files = {name: path for name, path in model_files(engine).items() if name != engine.name}
+    report["engine"] = {"platform": platform, "file": engine.name}
+    if request.target == "tensorrt":
+        report["tensorrt"] = tensorrt_summary(search, winner, platform)
     files["report.json"] = write_json(report, result_dir / "report.json")
     try:
         files["report.png"] = plot(report, result_dir / "report.png")
@@ -164,12 +177,72 @@ def optimize(
     events.emit("done", f"done: {winner.id} {winner.latency_ms:.2f} ms", 1.0)
     return OptimizationResult(
         engine_file=engine,
-        platform=PLATFORM,
+        platform=platform,
         files=files,
         report=report,
         original_file=original,
         original_files=original_files,
     )
+
+
+def pick_winner(search: Search, target: str) -> Any:
+    """The fastest kept candidate; for ``tensorrt``, the fastest one carrying a plan if any."""
+    if target == "tensorrt":
+        planned = [
+            c
+            for c in search.candidates
+            if c.status == "kept"
+            and c.latency_ms is not None
+            and c.artifact is not None
+            and c.artifact.meta.get("tensorrt_plan")
+        ]
+        if planned:
+            return min(planned, key=lambda c: c.latency_ms)
+    return search.winner()
+
+
+def save_engine(artifact: Artifact, result_dir: Path) -> tuple[Path, str, dict[str, Path]]:
+    """Write the winner's engine into ``result_dir``: (engine file, platform, extra files).
+
+    A TensorRT plan becomes ``model.plan`` + ``model.plan.json`` (``tensorrt_plan``);
+    otherwise the ONNX graph becomes ``model.onnx`` (+ external data, ``onnxruntime_onnx``).
+    """
+    plan = artifact.meta.get("tensorrt_plan")
+    if plan:
+        from serving.backends.tensorrt import metadata_path
+
+        result_dir.mkdir(parents=True, exist_ok=True)
+        engine = result_dir / "model.plan"
+        shutil.copyfile(plan, engine)
+        sidecar = shutil.copyfile(metadata_path(Path(plan)), metadata_path(engine))
+        return engine, PLAN_PLATFORM, {sidecar.name: sidecar}
+    engine = save_model(load_model(artifact.onnx_path), result_dir / "model.onnx")
+    files = {name: path for name, path in model_files(engine).items() if name != engine.name}
+    return engine, PLATFORM, files
+
+
+def tensorrt_summary(search: Search, winner: Any, platform: str) -> dict[str, Any]:
+    """For ``target="tensorrt"``: whether a plan was published, and why not if not."""
+    builds = [c for c in search.candidates if c.steps and c.steps[-1][0] == PLAN_PASS]
+    summary: dict[str, Any] = {
+        "plan_published": platform == PLAN_PLATFORM,
+        "build_attempts": [
+            {"id": c.id, "label": chain_label(c.steps), "status": c.status, "reason": c.reason}
+            for c in builds
+        ],
+    }
+    if platform != PLAN_PLATFORM:
+        reasons = sorted({c.reason for c in builds}) or [f"no chain ran {PLAN_PASS}"]
+        summary["note"] = (
+            f"no TensorRT plan was built ({'; '.join(reasons)}); published the best ONNX "
+            f"candidate ({winner.id}) for {PLATFORM} instead"
+        )
+    else:
+        summary["note"] = (
+            "latency and fidelity are those of the ONNX graph the plan was built from, "
+            "measured in ONNX Runtime"
+        )
+    return summary
 
 
 def timing_feeds(

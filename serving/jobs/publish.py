@@ -4,6 +4,9 @@ A new model gets the original (as ONNX) as one version and the winning engine as
 with ``config.pbtxt`` (platform from the result, ``dynamic_batching`` on, inputs and outputs
 left to auto-complete for ONNX). An existing model gets the winner, plus the original when
 no existing version holds the same bytes. ``report.json`` names ``source_version``.
+A non-ONNX engine (``tensorrt_plan``: ``model.plan`` + ``model.plan.json``) is published the
+same way; its model's config selects only the latest version, since the original version
+folder holds ``model.onnx``, not the platform's file (one platform per model, as in Triton).
 """
 
 from __future__ import annotations
@@ -54,6 +57,11 @@ def new_model_config(platform: str, original_onnx: Path, name: str) -> mc.ModelC
         config.output.extend(described.output)
     if config.max_batch_size > 0:
         config.dynamic_batching.SetInParent()
+    if platform != "onnxruntime_onnx":
+        # Version 1 holds the original as model.onnx, which this platform cannot serve; only
+        # the newest version (the engine, e.g. model.plan) is selected. The original stays as
+        # ``source_version`` for the report and re-optimization, not for serving.
+        config.version_policy.latest.num_versions = 1
     return config
 
 

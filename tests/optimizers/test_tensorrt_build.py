@@ -152,9 +152,11 @@ def test_pass_is_registered_for_tensorrt_only() -> None:
     assert get_pass("tensorrt_build", max_batch=8).config.max_batch == 8
     with pytest.raises(ValueError, match="no option"):
         get_pass("tensorrt_build", fp16=True)
-    for target in ("cpu", "cuda", "tensorrt"):
+    for target in ("cpu", "cuda"):
         chains, _ = build_chains("generic", target)
         assert all(name != "tensorrt_build" for chain in chains for name, _ in chain)
+    chains, _ = build_chains("generic", "tensorrt")  # the tensorrt target's chains end in a build
+    assert [("tensorrt_build", {})] in chains
 
 
 @pytest.mark.skipif(
