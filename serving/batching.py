@@ -129,12 +129,16 @@ class DynamicBatcher:
         observer: BatchObserver | None = None,
         name: str = "",
         max_scan: int = 1024,
+        isolate_failures: bool = False,
     ) -> None:
+        """``isolate_failures``: when the engine raises on a batch of several requests, run
+        each alone so that only the requests failing by themselves get the error."""
         if not engines:
             raise ValueError("a DynamicBatcher needs at least one engine")
         self.engines = list(engines)
         self.name = name or config.name or "model"
         self.observer = observer
+        self.isolate_failures = isolate_failures
         self.max_batch_size = int(config.max_batch_size)
         self.batching = self.max_batch_size > 0 and config.HasField("dynamic_batching")
         dyn = config.dynamic_batching
@@ -501,18 +505,22 @@ class DynamicBatcher:
         """
         try:
             return list(self._run_batch(engine, batch))
-        except Exception as exc:
-            error = self._engine_error(exc)
-            if len(batch) == 1 or not isinstance(error, EngineError):
+        except _InferFailed as failed:
+            error = self._engine_error(failed.error)
+            if len(batch) == 1 or not self.isolate_failures or not isinstance(error, EngineError):
                 return error
             log.warning(
                 "model '%s' failed on a batch of %d requests; running them one by one: %s",
                 self.name, len(batch), error,
             )  # fmt: skip
+        except Exception as exc:
+            return self._engine_error(exc)
         results: list[tuple[dict[str, np.ndarray], RequestTimings] | BaseException] = []
         for pending in batch:
             try:
                 results.extend(self._run_batch(engine, [pending]))
+            except _InferFailed as failed:
+                results.append(self._engine_error(failed.error))
             except Exception as exc:
                 results.append(self._engine_error(exc))
         return results
@@ -536,7 +544,10 @@ class DynamicBatcher:
             }
         names = _union_outputs(batch)
         t_input = _now()
-        outputs = engine.infer(inputs, names)
+        try:
+            outputs = engine.infer(inputs, names)
+        except Exception as exc:  # the engine itself failed (not the split below)
+            raise _InferFailed(exc) from exc
         t_infer = _now()
         total = sum(p.rows for p in batch)
         if len(batch) == 1:
@@ -568,6 +579,14 @@ class DynamicBatcher:
             (part, RequestTimings(start - p.enqueue_ns, ci, cf, co, total))
             for p, part in zip(batch, results, strict=True)
         ]
+
+
+class _InferFailed(Exception):
+    """``engine.infer`` raised ``error`` (told apart from failures around it)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def _union_outputs(batch: list[_Pending]) -> list[str] | None:

@@ -649,6 +649,7 @@ class ModelManager:
             config,
             observer=MultiObserver([self.metrics.observer(name, str(mv.version)), statistics]),
             name=f"{name}:{mv.version}",
+            isolate_failures=True,  # one bad request does not fail its batch neighbours
         )
         loaded = LoadedVersion(
             name=name,
