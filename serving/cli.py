@@ -75,5 +75,16 @@ def serve(
     uvicorn.Server(config).run()
 
 
+def _mount_pipeline_commands() -> None:
+    """``optimize`` and ``report`` are the pipeline's own commands (optimizers/cli.py)."""
+    from optimizers.cli import optimize, report
+
+    app.command()(optimize)
+    app.command()(report)
+
+
+_mount_pipeline_commands()
+
+
 def main() -> None:
     app()

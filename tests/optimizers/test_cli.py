@@ -65,3 +65,27 @@ def test_cli_report_missing(tmp_path: Path) -> None:
     result = runner.invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 2
     assert "no report.json" in result.output
+
+
+def test_slimserve_command_runs_the_pipeline(tiny_mlp_onnx: Path, tmp_path: Path) -> None:
+    """``slimserve optimize`` / ``report`` (the server's CLI) are the pipeline's commands."""
+    import subprocess
+    import sys
+
+    repo = tmp_path / "repo"
+    command = [sys.executable, "-m", "serving", "optimize", str(tiny_mlp_onnx)]
+    command += ["--batch-size", "4", "--allow", "lowrank", "--repository", str(repo)]
+    command += ["--name", "mlp", "--output", str(tmp_path / "work")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    entry = ModelRepository(repo).entry("mlp")
+    assert entry.ok, entry.error
+    assert entry.all_versions == [1, 2]
+    shown = subprocess.run(
+        [sys.executable, "-m", "serving", "report", str(repo / "mlp" / "2")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert "original" in shown.stdout
