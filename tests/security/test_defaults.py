@@ -40,6 +40,16 @@ def test_no_cors_headers_unless_configured(tmp_path: Path) -> None:
         assert "access-control-allow-origin" not in other.headers
 
 
+def _wait_until_ready(client: TestClient, timeout_s: float = 60.0) -> None:
+    """Models load in the background after start-up: wait for the server's readiness."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while client.get("/v2/health/ready").status_code != 200:
+        assert time.monotonic() < deadline, "server did not become ready"
+        time.sleep(0.05)
+
+
 def test_keys_guard_the_in_process_routes_too(tmp_path: Path) -> None:
     """The FastAPI routes (fast_infer=False) and the fast path enforce the same keys."""
     repo = basic_repository(tmp_path / "repository")
@@ -52,6 +62,7 @@ def test_keys_guard_the_in_process_routes_too(tmp_path: Path) -> None:
     }
     for fast in (True, False):
         with TestClient(build_app(settings, fast_infer=fast)) as client:
+            _wait_until_ready(client)
             url = "/v2/models/add_sub/infer"
             assert client.post(url, json=body).status_code == 401
             ok = client.post(url, json=body, headers={"Authorization": "Bearer k-infer"})
