@@ -143,7 +143,8 @@ def mobilenet_v2_weights() -> Path:
 def mobilenet_v2() -> MobileNetV2:
     """Pretrained MobileNetV2 (ImageNet), eval mode; tensors loaded with ``weights_only``."""
     model = MobileNetV2()
-    state = torch.load(mobilenet_v2_weights(), map_location="cpu", weights_only=True)
+    weights = mobilenet_v2_weights()
+    state = torch.load(weights, map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     return model.eval()
 
