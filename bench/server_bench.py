@@ -37,9 +37,9 @@ from onnx import TensorProto, helper, numpy_helper
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-
 from loadgen import run_load  # noqa: E402
 
+from bench.results import write_section  # noqa: E402
 from serving.model_config import read_config, write_config  # noqa: E402
 from tests.e2e.server import RemoteServer  # noqa: E402
 
@@ -293,7 +293,7 @@ def main() -> None:
     table = render(cells, engine_b1, args, uptime)
     print(table)
     if not args.no_write:
-        write_results(table)
+        write_section("server_bench", table)
 
 
 def render(
@@ -334,24 +334,6 @@ def render(
             f"| {cell.errors} |"
         )
     return "\n".join(lines) + "\n"
-
-
-START, END = "<!-- server_bench:start -->", "<!-- server_bench:end -->"
-
-
-def write_results(table: str) -> None:
-    """Replace this script's section of bench/RESULTS.md (other sections stay)."""
-    path = ROOT / "bench" / "RESULTS.md"
-    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    section = f"{START}\n{table}{END}\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        _, tail = rest.split(END, 1)
-        text = head + section + tail.lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -27,15 +27,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-
 from loadgen import run_load  # noqa: E402
 
+from bench.results import write_section  # noqa: E402
 from tests.e2e.server import RemoteServer  # noqa: E402
 from tests.models import mlp_model, write_model  # noqa: E402
 from tests.serving.test_shadow import int8, shadow_config  # noqa: E402
 
-START = "<!-- shadow_bench:start -->"
-END = "<!-- shadow_bench:end -->"
 FEATURES = 64
 
 
@@ -118,7 +116,7 @@ def main() -> None:
     table = render(args, uptime, rates, p50, p99, throughput, summaries, errors)
     print(table)
     if not args.no_write:
-        write_results(table)
+        write_section("shadow_bench", table)
 
 
 def render(args, uptime, rates, p50, p99, throughput, summaries, errors) -> str:
@@ -153,21 +151,6 @@ def render(args, uptime, rates, p50, p99, throughput, summaries, errors) -> str:
         )
     lines += ["", f"errors: {errors}", ""]
     return "\n".join(lines)
-
-
-def write_results(table: str) -> None:
-    """Replace this script's section of bench/RESULTS.md (other sections stay)."""
-    path = ROOT / "bench" / "RESULTS.md"
-    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    section = f"{START}\n{table}{END}\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        _, tail = rest.split(END, 1)
-        text = head + section + tail.lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

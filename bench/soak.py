@@ -28,11 +28,10 @@ import orjson
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
+from bench.results import write_section  # noqa: E402
 from tests.e2e.server import RemoteServer  # noqa: E402
 
 MODEL = "digits_cnn"
-START, END = "<!-- soak:start -->", "<!-- soak:end -->"
 
 
 @dataclass(frozen=True)
@@ -185,7 +184,7 @@ def main() -> None:
     report = render(args, tally, seconds, rss, samples, alive)
     print(report)
     if args.write_results:
-        write_results(report)
+        write_section("soak", "## Soak (bench/soak.py)\n\n" + report)
     server_errors = sum(n for (_, status), n in tally.statuses.items() if status >= 500)
     growth = rss["end"] / rss.get("after warm-up", rss["start"]) - 1
     ok = alive and not tally.unexpected and server_errors == 0 and growth < 0.10
@@ -231,21 +230,6 @@ def render(args, tally: Tally, seconds: float, rss, samples, alive: bool) -> str
     if tally.unexpected:
         lines += ["", "First unexpected responses:", *(f"- {u}" for u in tally.unexpected[:5])]
     return "\n".join(lines) + "\n"
-
-
-def write_results(report: str) -> None:
-    """Replace this script's section of bench/RESULTS.md (other sections stay)."""
-    path = ROOT / "bench" / "RESULTS.md"
-    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    section = f"{START}\n## Soak (bench/soak.py)\n\n{report}{END}\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        _, tail = rest.split(END, 1)
-        text = head + section + tail.lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
