@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from optimizers.archive import is_archive, safe_extract, single_root
 from optimizers.onnxutil import graph_io, load_model, op_counts, save_model
 from optimizers.passes.base import Artifact
 from optimizers.pickle_scan import check_pt2
+from serving.archive import ARCHIVE_SUFFIXES, extract_archive, single_root
 from serving.errors import InvalidInput
 from serving.fileutil import confined
 
@@ -41,8 +41,9 @@ def load_source(source: Path, workdir: Path) -> LoadedSource:
     """Detect the format of ``source`` (file, folder or archive) and load it."""
     if not source.exists():
         raise InvalidInput(f"model source {source.name!r} does not exist")
-    if source.is_file() and is_archive(source):
-        folder = single_root(safe_extract(source, workdir / "extracted"))
+    # Judged by name, not content: a .pt2 program is itself a zip file.
+    if source.is_file() and source.name.lower().endswith(ARCHIVE_SUFFIXES):
+        folder = single_root(extract_archive(source, workdir / "extracted"))
         loaded = load_source(folder, workdir)
         loaded.description["archive"] = source.name
         return loaded
