@@ -7,38 +7,17 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from optimizers.cli import app
 from optimizers.loaders import load_pt2, load_source
 from serving.errors import InvalidInput
-
-
-class Armed:
-    """Unpickling this creates ``marker``."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
-class TinyNet(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.linear = torch.nn.Linear(4, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.linear(x))
+from tests.pickle_payloads import Armed, export_tiny_pt2
 
 
 @pytest.fixture(scope="module")
 def pt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("pt2") / "tiny.pt2"
-    torch.export.save(torch.export.export(TinyNet(), (torch.randn(2, 4),)), str(path))
-    return path
+    return export_tiny_pt2(tmp_path_factory.mktemp("pt2"))
 
 
 def armed_copy(source: Path, target: Path, marker: Path) -> Path:

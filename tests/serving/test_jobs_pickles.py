@@ -15,34 +15,14 @@ import torch
 
 from serving.errors import InvalidInput
 from serving.jobs.pickles import check_pickle_stream, check_pt2, check_torch_file
+from tests.pickle_payloads import Armed, export_tiny_pt2
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-class Armed:
-    """Unpickling this creates ``marker``."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
-class TinyNet(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.linear = torch.nn.Linear(4, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.linear(x))
-
-
 @pytest.fixture(scope="module")
 def pt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("pt2") / "tiny.pt2"
-    torch.export.save(torch.export.export(TinyNet(), (torch.randn(2, 4),)), str(path))
-    return path
+    return export_tiny_pt2(tmp_path_factory.mktemp("pt2"))
 
 
 def rewrite(source: Path, target: Path, replace: dict[str, bytes]) -> Path:
