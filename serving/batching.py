@@ -1,11 +1,16 @@
 """Dynamic batching: one ``DynamicBatcher`` per loaded model version.
 
 Requests wait in per-priority FIFO queues. One dispatcher task on the event loop forms
-batches (requests whose non-batch shapes and dtypes match are concatenated along dim 0,
-never padded) and hands each to an idle model instance; every instance runs its batches
-on its own worker thread, so N instances run N batches in parallel. Behaviour follows
-the model's ``config.pbtxt`` (``max_batch_size``, ``dynamic_batching``, priorities and
-queue policies), as Triton's dynamic batcher does.
+batches (requests whose non-batch shapes and dtypes match are concatenated along dim 0)
+and hands each to an idle model instance; every instance runs its batches on its own
+worker thread, so N instances run N batches in parallel. Behaviour follows the model's
+``config.pbtxt`` (``max_batch_size``, ``dynamic_batching``, priorities and queue
+policies), as Triton's dynamic batcher does.
+
+Nothing is padded unless the config marks the model variable-length (``serving.ragged``):
+then requests that differ only in sequence length share a batch, padded to its longest and
+trimmed back per caller, and when more wait than fit, the batch is the window of similar
+lengths (always holding the oldest request) that computes the least padding.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from serving.errors import (
     ServerShuttingDown,
     SlimServeError,
 )
+from serving.ragged import RaggedSpec
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +65,14 @@ class BatchObserver(Protocol):
         ...
 
 
+class PaddingObserver(Protocol):
+    def batch_padding(self, real_tokens: int, computed_tokens: int) -> None:
+        """Called once per executed batch of a variable-length model (optional method)."""
+        ...
+
+
 class MultiObserver:
-    """Fans ``batch_executed`` out to several observers (e.g. metrics and statistics)."""
+    """Fans ``batch_executed`` (and ``batch_padding``) out to several observers."""
 
     def __init__(self, observers: Iterable[BatchObserver | None]) -> None:
         self.observers = [o for o in observers if o is not None]
@@ -72,6 +84,12 @@ class MultiObserver:
             observer.batch_executed(
                 batch_size, compute_input_ns, compute_infer_ns, compute_output_ns
             )
+
+    def batch_padding(self, real_tokens: int, computed_tokens: int) -> None:
+        for observer in self.observers:
+            report = getattr(observer, "batch_padding", None)
+            if report is not None:
+                report(real_tokens, computed_tokens)
 
 
 @dataclass(frozen=True)
@@ -112,6 +130,7 @@ class _Pending:
     state: int = _QUEUED
     timer: asyncio.TimerHandle | None = None
     queue: deque | None = field(default=None, repr=False)
+    length: int = 0  # sequence length (variable-length models only)
 
 
 class DynamicBatcher:
@@ -162,6 +181,9 @@ class DynamicBatcher:
         self._queues: list[deque[_Pending]] = [deque() for _ in range(levels + 1)]
         self._delayed_level = levels + 1
         self._output_names = {spec.name for spec in self.engines[0].outputs}
+        self.ragged = RaggedSpec.from_config(
+            config, [spec.name for spec in self.engines[0].inputs], self._output_names
+        )
         self._max_scan = max_scan
         self._queued = 0
         self._executing = 0
@@ -203,6 +225,7 @@ class DynamicBatcher:
             raise RuntimeError(f"the batcher of '{self.name}' belongs to another event loop")
         level = self._level(priority)
         rows, signature = self._describe(inputs)
+        length = self.ragged.length(inputs) if self.ragged is not None else 0
         if output_names is not None:
             unknown = [n for n in output_names if n not in self._output_names]
             if unknown:
@@ -224,6 +247,7 @@ class DynamicBatcher:
             inputs, output_names, rows, signature, level, loop.create_future(), _now()
         )
         pending.queue = queue
+        pending.length = length
         queue.append(pending)
         self._queued += 1
         timeout = policy.timeout_us(timeout_us)
@@ -259,7 +283,8 @@ class DynamicBatcher:
                 await asyncio.wait_for(self._drained.wait(), drain_timeout_s)
             if self._executing:
                 log.warning(
-                    "model '%s': %d request(s) still executing after close", self.name,
+                    "model '%s': %d request(s) still executing after close",
+                    self.name,
                     self._executing,
                 )
         if self._dispatcher is not None:
@@ -315,7 +340,8 @@ class DynamicBatcher:
                 raise InvalidInput(
                     f"inputs disagree on the batch size ({rows} vs {array.shape[0]} for '{name}')"
                 )
-            signature.append((name, array.dtype.str, array.shape[1:]))
+            shape = self.ragged.shape_key(name, array.shape) if self.ragged else array.shape[1:]
+            signature.append((name, array.dtype.str, shape))
         assert rows is not None
         if not 1 <= rows <= self.max_batch_size:
             raise InvalidInput(
@@ -414,6 +440,8 @@ class DynamicBatcher:
                     continue
                 if rows + pending.rows > limit:
                     full = True
+                    if self.ragged is not None:
+                        return self._group_lengths(head, batch, queue), None
                     break
                 batch.append(pending)
                 rows += pending.rows
@@ -421,6 +449,8 @@ class DynamicBatcher:
                     preferred_cut = len(batch)
                 if rows == limit or scanned >= self._max_scan:
                     full = True
+                    if self.ragged is not None and rows == limit:
+                        return self._group_lengths(head, batch, queue), None
                     break
             if full:
                 break
@@ -432,6 +462,54 @@ class DynamicBatcher:
         if preferred_cut:
             return batch[:preferred_cut], None
         return [], deadline
+
+    def _group_lengths(
+        self, head: _Pending, fifo: list[_Pending], cut: deque[_Pending]
+    ) -> list[_Pending]:
+        """More requests wait than fit: the batch of similar lengths with the least padding.
+
+        ``fifo`` is the batch first-come order would take and ``cut`` the queue (priority
+        level) where it ran out of room. Levels before ``cut`` stay whole (priorities hold);
+        from ``cut``, the requests that join are a window of neighbouring lengths instead of
+        the earliest ones. The head (oldest request of the highest level) is always in the
+        batch, so no request waits forever.
+        """
+        fixed = [p for p in fifo if p.queue is not cut]
+        if head.queue is cut:
+            fixed.append(head)
+        room = self.max_batch_size - sum(p.rows for p in fixed)
+        pool: list[_Pending] = []
+        for index, pending in enumerate(cut):
+            if index >= self._max_scan:
+                break
+            if pending is not head and pending.signature == head.signature and pending.rows <= room:
+                pool.append(pending)
+        if not pool or room <= 0:
+            return fifo
+        pool.sort(key=lambda p: p.length)
+        fixed_rows = sum(p.rows for p in fixed)
+        fixed_tokens = sum(p.rows * p.length for p in fixed)
+        fixed_width = max((p.length for p in fixed), default=0)
+        best: tuple[float, ...] | None = None
+        chosen: list[_Pending] = []
+        for start in range(len(pool)):
+            window, free, tokens = [], room, 0
+            for pending in pool[start:]:
+                if pending.rows > free:
+                    break
+                window.append(pending)
+                free -= pending.rows
+                tokens += pending.rows * pending.length
+                if free == 0:
+                    break
+            rows = fixed_rows + room - free
+            width = max(fixed_width, window[-1].length)
+            padding = rows * width - fixed_tokens - tokens
+            # fullest batch first, then least padding, then the oldest requests
+            key = (-rows, padding, min(p.enqueue_ns for p in window))
+            if best is None or key < best:
+                best, chosen = key, window
+        return fixed + chosen
 
     def _launch(self, batch: list[_Pending]) -> None:
         instance = self._idle.pop()
@@ -536,8 +614,15 @@ class DynamicBatcher:
         self, engine: Engine, batch: list[_Pending]
     ) -> list[tuple[dict[str, np.ndarray], RequestTimings]]:
         start = _now()
+        ragged = self.ragged
+        width = max(p.length for p in batch)
         if len(batch) == 1:
             inputs = batch[0].inputs
+        elif ragged is not None:
+            inputs = {
+                name: ragged.merge(name, [p.inputs[name] for p in batch], width)
+                for name in batch[0].inputs
+            }
         else:
             inputs = {
                 name: np.concatenate([p.inputs[name] for p in batch]) for name in batch[0].inputs
@@ -562,6 +647,16 @@ class DynamicBatcher:
                         f"expected {total} rows for the batch"
                     )
                 split[name] = np.split(array, cuts)
+                if ragged is not None and name in ragged.outputs:
+                    if array.ndim < 2 or array.shape[1] != width:
+                        raise EngineError(
+                            f"model '{self.name}' output '{name}' has shape "
+                            f"{list(array.shape)}; expected sequence length {width} on axis 1"
+                        )
+                    split[name] = [
+                        ragged.trim(name, piece, p.length)
+                        for piece, p in zip(split[name], batch, strict=True)
+                    ]
             parts = [{name: pieces[i] for name, pieces in split.items()} for i in range(len(batch))]
         results = []
         for pending, part in zip(batch, parts, strict=True):
@@ -573,6 +668,9 @@ class DynamicBatcher:
         if self.observer is not None:
             try:
                 self.observer.batch_executed(total, ci, cf, co)
+                padding = getattr(self.observer, "batch_padding", None)
+                if ragged is not None and padding is not None:
+                    padding(sum(p.rows * p.length for p in batch), total * width)
             except Exception:
                 log.exception("batch observer of model '%s' failed", self.name)
         return [

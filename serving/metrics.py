@@ -16,6 +16,7 @@ from typing import Any
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
+    Counter,
     Gauge,
     Histogram,
     ProcessCollector,
@@ -33,6 +34,7 @@ LATENCY_BUCKETS = (
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+PADDING_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
 # Triton's cumulative counters: name -> help. Durations are microseconds.
 COUNTERS = {
@@ -76,6 +78,14 @@ class _Observer:
     ) -> None:
         self._metrics._add(self._key, "nv_inference_exec_count", 1)
         self._metrics.batch_size.labels(*self._key).observe(batch_size)
+
+    def batch_padding(self, real_tokens: int, computed_tokens: int) -> None:
+        """A variable-length batch: real tokens vs the token slots it computed (padded)."""
+        metrics = self._metrics
+        if computed_tokens > 0:
+            metrics.padding_ratio.labels(*self._key).observe(real_tokens / computed_tokens)
+        metrics.batch_tokens.labels(*self._key, "real").inc(real_tokens)
+        metrics.batch_tokens.labels(*self._key, "computed").inc(computed_tokens)
 
 
 class _TritonCollector:
@@ -221,6 +231,19 @@ class ServerMetrics:
             registry=self.registry,
             buckets=BATCH_BUCKETS,
         )
+        self.padding_ratio = Histogram(
+            "slimserve_batch_padding_ratio",
+            "Real tokens / computed token slots per batch of a variable-length model",
+            LABELS,
+            registry=self.registry,
+            buckets=PADDING_BUCKETS,
+        )
+        self.batch_tokens = Counter(
+            "slimserve_batch_tokens",
+            "Token slots of variable-length batches: kind=real (sent) or computed (padded)",
+            (*LABELS, "kind"),
+            registry=self.registry,
+        )
         self.fidelity = Gauge(
             "slimserve_model_fidelity",
             "Measured fidelity of a compressed version to its original (e.g. cosine)",
@@ -232,6 +255,7 @@ class ServerMetrics:
             self.queue_duration,
             self.compute_infer_duration,
             self.batch_size,
+            self.padding_ratio,
             self.fidelity,
         )
         ProcessCollector(registry=self.registry)
@@ -301,6 +325,9 @@ class ServerMetrics:
         for metric in self._histograms:
             with contextlib.suppress(KeyError):
                 metric.remove(*key)
+        for kind in ("real", "computed"):
+            with contextlib.suppress(KeyError):
+                self.batch_tokens.remove(*key, kind)
 
     def _add(self, key: tuple[str, str], name: str, amount: int) -> None:
         with self._lock:
