@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -25,27 +23,9 @@ from serving.metrics import ServerMetrics
 from serving.repository import ModelRepository
 from serving.settings import Settings
 from tests.models import config, scaled_model, write_model
+from tests.serving.manager_runner import run
 
 SCALED = {"platform": "onnxruntime_onnx", "max_batch_size": 4, "dynamic_batching": {}}
-
-
-def run(repo: Path, body: Callable[[ModelManager], Awaitable[Any]], **settings: Any) -> Any:
-    """Start a manager on ``repo``, run ``body``, always close it."""
-
-    async def main() -> Any:
-        manager = ModelManager(
-            ModelRepository(repo),
-            ServerMetrics(CollectorRegistry()),
-            Settings(repository=repo, drain_timeout_s=5, **settings),
-        )
-        await manager.start()
-        await manager.wait_started()
-        try:
-            return await body(manager)
-        finally:
-            await manager.close(5)
-
-    return asyncio.run(main())
 
 
 async def infer(manager: ModelManager, name: str, value: float = 1.0, version: int | None = None):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,15 +13,12 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
-from prometheus_client import CollectorRegistry
 
 from serving.errors import InvalidInput
 from serving.manager import ModelManager
-from serving.metrics import ServerMetrics
-from serving.repository import ModelRepository
-from serving.settings import Settings
 from serving.shadow import ShadowMonitor, compare, shadow_settings
 from tests.models import config, mlp_model, write_model
+from tests.serving.manager_runner import run
 
 FEATURES = 64
 
@@ -67,23 +63,6 @@ def make_repo(root: Path, compressed: bytes, *, report: dict | None = None, **pa
     )
     (folder / "2" / "report.json").write_text(json.dumps(report))
     return root
-
-
-def run(repo: Path, body: Callable[[ModelManager], Awaitable[Any]], **settings: Any) -> Any:
-    async def main() -> Any:
-        manager = ModelManager(
-            ModelRepository(repo),
-            ServerMetrics(CollectorRegistry()),
-            Settings(repository=repo, drain_timeout_s=5, **settings),
-        )
-        await manager.start()
-        await manager.wait_started()
-        try:
-            return await body(manager)
-        finally:
-            await manager.close(5)
-
-    return asyncio.run(main())
 
 
 def batches(n: int, seed: int = 0) -> list[np.ndarray]:
