@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -160,3 +162,36 @@ def basic_repository(root: Path) -> Path:
     write_model(root, "add_sub", add_sub_model(), model_config=ADD_SUB_CONFIG)
     write_model(root, "all_types", all_types_model())
     return root
+
+
+def external_data_model(location: str) -> bytes:
+    """An ONNX model whose one weight claims to live in ``location`` (no data written)."""
+    weight = numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")
+    weight.ClearField("raw_data")
+    weight.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", "64")):
+        entry = weight.external_data.add()
+        entry.key, entry.value = key, value
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "ext", [x], [y], initializer=[weight]
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8  # not checked: the checker would refuse the hostile location itself
+    return model.SerializeToString()
+
+
+def tar_with_link(target: str, *, hard: bool = False) -> bytes:
+    """A tar.gz with a real ``m/model.onnx`` and ``m/weights.bin`` as a link to ``target``."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        data = scaled_model(2.0)
+        info = tarfile.TarInfo("m/model.onnx")
+        info.size = len(data)
+        archive.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("m/weights.bin")
+        link.type = tarfile.LNKTYPE if hard else tarfile.SYMTYPE
+        link.linkname = target
+        archive.addfile(link)
+    return buffer.getvalue()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import pickle
-import tarfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +15,7 @@ import pytest
 
 from tests.e2e.helpers import infer_input
 from tests.e2e.server import RemoteServer
-from tests.models import basic_repository, scaled_model
+from tests.models import basic_repository, scaled_model, tar_with_link
 
 LIMIT = 300_000
 
@@ -36,20 +35,6 @@ def zip_bytes(members: dict[str, bytes]) -> bytes:
     with zipfile.ZipFile(buffer, "w") as archive:
         for name, data in members.items():
             archive.writestr(name, data)
-    return buffer.getvalue()
-
-
-def tar_with_symlink(target: str) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
-        data = scaled_model(2.0)
-        info = tarfile.TarInfo("m/model.onnx")
-        info.size = len(data)
-        archive.addfile(info, io.BytesIO(data))
-        link = tarfile.TarInfo("m/weights.bin")
-        link.type = tarfile.SYMTYPE
-        link.linkname = target
-        archive.addfile(link)
     return buffer.getvalue()
 
 
@@ -104,7 +89,7 @@ def test_hostile_uploads_are_refused(tmp_path: Path, server_and_repo) -> None:
             400,
             "absolute",
         ),
-        ("symlink out", ("m.tar.gz", tar_with_symlink("/etc/passwd")), request, 400, "link"),
+        ("symlink out", ("m.tar.gz", tar_with_link("/etc/passwd")), request, 400, "link"),
         (
             "pickle in archive",
             ("hf.zip", zip_bytes({"config.json": b"{}", "pytorch_model.bin": armed})),

@@ -9,7 +9,6 @@ import gzip
 import io
 import json
 import pickle
-import tarfile
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,13 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import orjson
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from tests.e2e.server import RemoteServer
-from tests.models import basic_repository, scaled_model
+from tests.models import basic_repository, external_data_model, scaled_model, tar_with_link
 
 MAX_BODY = 1_000_000
 MAX_UPLOAD = 300_000
@@ -105,38 +102,6 @@ def zip_bytes(members: dict[str, bytes]) -> bytes:
         for name, data in members.items():
             archive.writestr(name, data)
     return buffer.getvalue()
-
-
-def tar_with_link(target: str, *, hard: bool = False) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
-        data = scaled_model(2.0)
-        info = tarfile.TarInfo("m/model.onnx")
-        info.size = len(data)
-        archive.addfile(info, io.BytesIO(data))
-        link = tarfile.TarInfo("m/weights.bin")
-        link.type = tarfile.LNKTYPE if hard else tarfile.SYMTYPE
-        link.linkname = target
-        archive.addfile(link)
-    return buffer.getvalue()
-
-
-def external_data_model(location: str) -> bytes:
-    """An ONNX model whose weight claims to live in ``location`` (external data)."""
-    weight = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
-    weight.ClearField("raw_data")
-    weight.data_location = TensorProto.EXTERNAL
-    for key, value in (("location", location), ("offset", "0"), ("length", "64")):
-        entry = weight.external_data.add()
-        entry.key, entry.value = key, value
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])], "ext", [x], [y], initializer=[weight]
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model.SerializeToString()
 
 
 def upload(filename: str, data: Callable[[Path], bytes], request: dict | None = None):

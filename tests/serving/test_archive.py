@@ -21,6 +21,7 @@ from serving.archive import (
     inspect_model_folder,
 )
 from serving.errors import InvalidInput, PayloadTooLarge
+from tests.models import external_data_model
 
 
 class MarkerPayload:
@@ -74,20 +75,8 @@ def onnx_with_external_data(folder: Path, location: str = "weights.bin") -> Path
 def onnx_pointing_at(folder: Path, location: str) -> Path:
     """An ONNX file whose one tensor claims to live at ``location`` (no data written)."""
     folder.mkdir(parents=True, exist_ok=True)
-    weight = numpy_helper.from_array(np.eye(4, dtype=np.float32), "W")
-    weight.ClearField("raw_data")
-    weight.data_location = TensorProto.EXTERNAL
-    for key, value in (("location", location), ("offset", "0"), ("length", "64")):
-        entry = weight.external_data.add()
-        entry.key, entry.value = key, value
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["y"])], "g", [x], [y], [weight]
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     path = folder / "model.onnx"
-    path.write_bytes(model.SerializeToString())
+    path.write_bytes(external_data_model(location))
     return path
 
 
