@@ -40,6 +40,7 @@ from serving.errors import (
 )
 from serving.fileutil import confined, validate_model_name
 from serving.model_config import ModelConfig, v2_of
+from serving.ragged import RaggedSpec
 from serving.repository import ModelRepository, ModelVersion
 from serving.statistics import ModelStatistics
 
@@ -141,6 +142,10 @@ class ModelRecord:
             for _, s in sorted(self.versions.items())
             if s.loaded is not None and s.state is ModelState.READY
         ]
+
+
+def _names(specs: list[Any]) -> list[str]:
+    return [spec.name for spec in specs]
 
 
 def instance_count(config: ModelConfig) -> int:
@@ -677,6 +682,8 @@ class ModelManager:
         try:
             for index in range(instance_count(config)):
                 engines.append(load_engine(mv.model_file, config, instance_index=index))
+            # a bad variable-length config fails the load here, naming the parameter
+            RaggedSpec.from_config(config, _names(engines[0].inputs), _names(engines[0].outputs))
             requests = warmup_requests(config, engines[0].inputs, mv.path.parent)
             for engine in engines:
                 for label, arrays, count in requests:
