@@ -32,7 +32,7 @@ from optimizers.measure import MeasureSettings, torch_latency
 from optimizers.onnxutil import graph_io, load_model, model_files, save_model
 from optimizers.passes.base import Artifact, Cancelled, PassContext
 from optimizers.registry import LOAD_ERRORS, get_pass
-from optimizers.report import plot, write_json
+from optimizers.report import pass_plots, plot, write_json
 from optimizers.search import Search, SearchSettings
 
 PLATFORM = "onnxruntime_onnx"
@@ -167,6 +167,7 @@ def optimize(
     report["engine"] = {"platform": platform, "file": engine.name}
     if request.target == "tensorrt":
         report["tensorrt"] = tensorrt_summary(search, winner, platform)
+    files.update(pass_plots(report, result_dir))  # e.g. distill_curve.png
     files["report.json"] = write_json(report, result_dir / "report.json")
     try:
         files["report.png"] = plot(report, result_dir / "report.png")

@@ -197,3 +197,30 @@ def plot(report: dict[str, Any], path: Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def pass_plots(report: dict[str, Any], folder: Path) -> dict[str, Path]:
+    """Copy the PNGs passes drew (the distill pass's fidelity curve) into ``folder``, beside
+    ``report.json``; each pass report's ``plot_file`` and the report's ``plots`` name them.
+
+    Returns ``{file name: path}`` for the files to publish with the engine.
+    """
+    import shutil
+
+    files: dict[str, Path] = {}
+    plots: dict[str, str] = {}
+    for candidate in report.get("candidates", []):
+        for entry in candidate.get("pass_reports") or []:
+            source = Path(entry["plot"]) if entry.get("plot") else None
+            if source is None or not source.is_file():
+                continue
+            name = f"{entry.get('pass', 'pass')}_curve.png"
+            if name in files:
+                name = f"{entry.get('pass', 'pass')}_curve_{candidate.get('id', len(files))}.png"
+            folder.mkdir(parents=True, exist_ok=True)
+            files[name] = Path(shutil.copyfile(source, folder / name))
+            entry["plot_file"] = name
+            plots[name] = f"{candidate.get('label', candidate.get('id', ''))}: {entry['pass']}"
+    if plots:
+        report["plots"] = plots
+    return files

@@ -81,9 +81,10 @@ def torch_threads(count: int) -> Iterator[None]:
 
 
 def lr_factor(step: int, warmup: int, progress: float) -> float:
-    """Linear warm-up over ``warmup`` steps, then linear decay to 10% as ``progress`` -> 1."""
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 10% as ``progress`` -> 1
+    (progress: the larger of the time budget's and ``max_steps``' used share)."""
     warm = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
-    return warm * max(0.1, 1.0 - 0.9 * min(1.0, progress))
+    return warm * (0.1 + 0.45 * (1.0 + math.cos(math.pi * min(1.0, progress))))
 
 
 def train(

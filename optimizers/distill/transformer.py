@@ -151,8 +151,46 @@ def sequences_from_arrays(inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
     return [row[m] for row, m in zip(ids, mask, strict=True)]
 
 
+def layer_targets(keep_layers: Sequence[int], n_teacher: int, mode: str) -> tuple[int, ...]:
+    """For each student layer, the teacher hidden state (1 = after teacher layer 0) it imitates.
+
+    ``skip``: the state the teacher hands to the next kept layer (student layer i stands in for
+    teacher layers ``keep[i]..keep[i+1]-1``, so it starts right where its copy left off);
+    ``uniform``: every ``n_teacher / n_student``-th layer (MiniLM / TinyBERT).
+    """
+    n = len(keep_layers)
+    if mode == "skip":
+        return (*keep_layers[1:], n_teacher)
+    if mode == "uniform":
+        return tuple(round((i + 1) * n_teacher / n) for i in range(n))
+    raise ValueError(f"unknown layer map {mode!r} (skip or uniform)")
+
+
+def hidden_states(
+    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """Every hidden state of the encoder: embeddings first, then each layer's output."""
+    out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    return tuple(out.hidden_states)
+
+
+def _token_cosine_loss(
+    student: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Mean over real tokens of 1 - cosine(student token, teacher token)."""
+    cos = nn.functional.cosine_similarity(student, target, dim=-1)
+    m = mask.to(student.dtype)
+    return ((1 - cos) * m).sum() / m.sum()
+
+
 class EmbeddingDistillTask:
-    """Distil an encoder's mean-pooled sentence embeddings (and optionally its tokens)."""
+    """Distil an encoder's mean-pooled sentence embeddings, optionally with feature terms.
+
+    Response-based: 1 - cosine + normalized MSE of the mean-pooled embeddings. Feature-based
+    (``hidden_weight`` > 0, TinyBERT / MiniLM style): each student layer's token vectors against
+    the teacher hidden state ``layer_map[i]`` (indices into the teacher's hidden states, 0 =
+    embeddings), 1 - token cosine averaged over layers. Teacher outputs are computed once.
+    """
 
     def __init__(
         self,
@@ -163,6 +201,7 @@ class EmbeddingDistillTask:
         *,
         batch_size: int = 32,
         hidden_weight: float = 0.0,
+        layer_map: Sequence[int] | None = None,
         dropout: bool = False,
         pad_id: int = 0,
     ) -> None:
@@ -171,31 +210,42 @@ class EmbeddingDistillTask:
         self.split = split
         self.batch_size = batch_size
         self.hidden_weight = hidden_weight
+        self.layer_map = tuple(layer_map) if layer_map is not None else None
         self.dropout = dropout
         self.pad_id = pad_id
         self.teacher_pooled, self.teacher_tokens = self._cache_teacher(teacher)
         train_pooled = self.teacher_pooled[split.train]
         self.pooled_scale = float(train_pooled.pow(2).mean())
 
+    @property
+    def _maps(self) -> tuple[int, ...]:
+        """The teacher hidden states cached per token (the last one when no map is given)."""
+        if self.hidden_weight <= 0:
+            return ()
+        return self.layer_map if self.layer_map is not None else (-1,)
+
     def _cache_teacher(self, teacher: nn.Module) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-        """Teacher outputs for every example, computed once (length-sorted batches)."""
+        """Teacher outputs for every example, computed once (length-sorted batches, so padding
+        costs little): the pooled embedding, and the mapped token states in float16."""
         order = np.argsort([len(s) for s in self.sequences])
         pooled = torch.zeros(len(self.sequences), 0)
         tokens: list[torch.Tensor | None] = [None] * len(self.sequences)
+        maps = self._maps
         teacher.eval()
         with torch.no_grad():
             for start in range(0, len(order), 64):
                 chunk = order[start : start + 64]
                 ids, mask = pad([self.sequences[i] for i in chunk], self.pad_id)
-                hidden = last_hidden(teacher, ids, mask)
-                vectors = mean_pool(hidden, mask)
+                states = hidden_states(teacher, ids, mask)
+                vectors = mean_pool(states[-1], mask)
                 if pooled.shape[1] == 0:
                     pooled = torch.zeros(len(self.sequences), vectors.shape[1])
                 pooled[torch.from_numpy(chunk)] = vectors
-                if self.hidden_weight > 0:
+                if maps:
+                    stacked = torch.stack([states[m] for m in maps], 1).to(torch.float16)
                     for row, i in enumerate(chunk):
-                        tokens[i] = hidden[row, : len(self.sequences[i])].to(torch.float16)
-        return pooled, (tokens if self.hidden_weight > 0 else None)  # type: ignore[return-value]
+                        tokens[i] = stacked[row, :, : len(self.sequences[i])].clone()
+        return pooled, (tokens if maps else None)  # type: ignore[return-value]
 
     def epoch(self, rng: np.random.Generator) -> Iterator[np.ndarray]:
         """Shuffled batches, each drawn from a length-sorted pool so little padding is computed."""
@@ -211,24 +261,28 @@ class EmbeddingDistillTask:
         for index in rng.permutation(len(batches)):
             yield batches[index]
 
-    def _student_hidden(self, batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def _student_states(self, batch: np.ndarray) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         ids, mask = pad([self.sequences[i] for i in batch], self.pad_id)
-        return last_hidden(self.student, ids, mask), mask
+        return hidden_states(self.student, ids, mask), mask
 
     def loss(self, batch: np.ndarray) -> torch.Tensor:
         self.student.train(self.dropout)
-        hidden, mask = self._student_hidden(batch)
-        pooled = mean_pool(hidden, mask)
+        states, mask = self._student_states(batch)
+        pooled = mean_pool(states[-1], mask)
         target = self.teacher_pooled[torch.from_numpy(batch)]
         cosine = nn.functional.cosine_similarity(pooled, target, dim=-1)
         loss = (1 - cosine).mean() + nn.functional.mse_loss(pooled, target) / self.pooled_scale
-        if self.hidden_weight > 0 and self.teacher_tokens is not None:
-            target_tokens = torch.zeros_like(hidden)
+        maps = self._maps
+        if maps and self.teacher_tokens is not None:
+            student_layers = [states[-1]] if self.layer_map is None else list(states[1:])
+            targets = torch.zeros(len(maps), *states[-1].shape)
             for row, i in enumerate(batch):
-                target_tokens[row, : len(self.sequences[i])] = self.teacher_tokens[i].float()
-            token_cos = nn.functional.cosine_similarity(hidden, target_tokens, dim=-1)
-            m = mask.to(hidden.dtype)
-            loss = loss + self.hidden_weight * ((1 - token_cos) * m).sum() / m.sum()
+                targets[:, row, : len(self.sequences[i])] = self.teacher_tokens[i].float()
+            feature = sum(
+                _token_cosine_loss(hidden, targets[k], mask)
+                for k, hidden in enumerate(student_layers)
+            )
+            loss = loss + self.hidden_weight * feature / len(maps)
         return loss
 
     def held_out_cosines(self) -> np.ndarray:
@@ -240,7 +294,8 @@ class EmbeddingDistillTask:
             order = np.argsort([len(self.sequences[i]) for i in holdout])
             for start in range(0, len(order), 64):
                 rows = order[start : start + 64]
-                hidden, mask = self._student_hidden(holdout[rows])
+                ids, mask = pad([self.sequences[i] for i in holdout[rows]], self.pad_id)
+                hidden = last_hidden(self.student, ids, mask)
                 target = self.teacher_pooled[torch.from_numpy(holdout[rows])]
                 cos = nn.functional.cosine_similarity(mean_pool(hidden, mask), target, dim=-1)
                 result[rows] = cos.numpy()

@@ -76,6 +76,11 @@ def upload_and_serve(
         (c["label"], c["status"], c["reason"], c["latency_ms"]) for c in report["candidates"]
     ]
     assert report["winner"]["passes"] == ["distill"], reasons
+    # the distill pass's held-out fidelity curve is published beside report.json
+    assert "distill_curve.png" in report["plots"]
+    curve = repo / "digits" / str(version) / "distill_curve.png"
+    assert curve.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "distill_curve.png" in job["report"]["plots"]
     client = server.client()
 
     def accuracy(model_version: str) -> float:

@@ -3,10 +3,12 @@ calibration data, measured by the search against the original, refused without d
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
 import pytest
+from matplotlib import image as plt_image
 
 import optimizers.distill.passes  # noqa: F401  (registers the distill pass)
 from optimizers.api import OptimizationRequest, run_optimization
@@ -60,6 +62,16 @@ def test_cnn_job_trains_and_measures_a_student(digits_onnx, digits_split, tmp_pa
     assert student["fidelity"]["top1_agreement"] >= 0.9
     assert student["fidelity"]["accuracy"] >= student["fidelity"]["reference_accuracy"] - 0.05
     assert any("distill: step" in (e["message"] or "") for e in events)
+    # the held-out fidelity curve is published beside report.json and named by the report
+    curve = result.files["distill_curve.png"]
+    assert curve.parent == result.files["report.json"].parent
+    assert curve.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    height, width, _channels = plt_image.imread(curve).shape  # decodes the whole image
+    assert (width, height) == (640, 360)  # plot_curve: 6.4 x 3.6 in at 100 dpi
+    assert distill_report["plot_file"] == "distill_curve.png"
+    assert "distill_curve.png" in result.report["plots"]
+    on_disk = json.loads(result.files["report.json"].read_text())
+    assert "distill_curve.png" in on_disk["plots"]
 
 
 def test_job_without_calibration_reports_why_distill_was_refused(digits_onnx, tmp_path):

@@ -4,6 +4,7 @@ the pass exports it to ONNX and reports size, FLOPs, the curve and speed."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +92,7 @@ def test_hidden_state_term_adds_a_token_level_loss(teacher_dir, texts):
     plain = tr.EmbeddingDistillTask(teacher, student, sequences, split)
     tokens = tr.EmbeddingDistillTask(teacher, student, sequences, split, hidden_weight=1.0)
     assert tokens.teacher_tokens is not None
-    assert tokens.teacher_tokens[0].shape == (len(sequences[0]), 64)
+    assert tokens.teacher_tokens[0].shape == (1, len(sequences[0]), 64)  # the last layer
     batch = split.train[:16]
     with_tokens = tokens.loss(batch)
     assert with_tokens.item() > plain.loss(batch).item()
@@ -100,6 +101,46 @@ def test_hidden_state_term_adds_a_token_level_loss(teacher_dir, texts):
     # the teacher against itself has no loss left, token term included
     tokens.student = teacher
     assert tokens.loss(batch).item() == pytest.approx(0.0, abs=1e-4)
+
+
+def test_layer_maps_pick_the_teacher_states_each_student_layer_imitates():
+    assert tr.layer_targets((0, 3, 5), 6, "skip") == (3, 5, 6)
+    assert tr.layer_targets((0, 3, 5), 6, "uniform") == (2, 4, 6)
+    assert tr.layer_targets((0, 2), 4, "uniform") == (2, 4)
+    with pytest.raises(ValueError, match="unknown layer map"):
+        tr.layer_targets((0,), 4, "diagonal")
+
+
+def test_feature_terms_match_every_mapped_layer(teacher_dir, texts):
+    from transformers import AutoTokenizer
+
+    teacher = load_hf_checkpoint(teacher_dir).artifact.torch_model
+    sequences = tr.tokenize(texts[:96], AutoTokenizer.from_pretrained(str(teacher_dir)), 32)
+    split = split_holdout(len(sequences), fraction=0.2, min_holdout=16, min_train=64)
+    keep = (0, 2)
+    student = tr.build_layer_student(teacher, keep)
+    layer_map = tr.layer_targets(keep, 4, "skip")
+    task = tr.EmbeddingDistillTask(
+        teacher, student, sequences, split, hidden_weight=1.0, layer_map=layer_map
+    )
+    first = task.teacher_tokens[0]
+    assert first.shape == (2, len(sequences[0]), 64)
+    ids, mask = tr.pad([sequences[0]])
+    states = tr.hidden_states(teacher, ids, mask)
+    # the cached targets are the teacher's states after layers 2 and 4 (fp16)
+    torch.testing.assert_close(first[0].float(), states[2][0], atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(first[1].float(), states[4][0], atol=2e-2, rtol=1e-2)
+    batch = split.train[:16]
+    plain = tr.EmbeddingDistillTask(teacher, student, sequences, split).loss(batch)
+    loss = task.loss(batch)
+    assert loss.item() > plain.item()
+    loss.backward()
+    # the feature terms train every student layer
+    assert student.encoder.layer[0].intermediate.dense.weight.grad.abs().sum() > 0
+    identity = tr.EmbeddingDistillTask(
+        teacher, copy.deepcopy(teacher), sequences, split, hidden_weight=1.0, layer_map=(1, 2, 3, 4)
+    )
+    assert identity.loss(batch).item() == pytest.approx(0.0, abs=1e-3)
 
 
 @pytest.mark.slow
