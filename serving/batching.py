@@ -440,7 +440,7 @@ class DynamicBatcher:
                     continue
                 if rows + pending.rows > limit:
                     full = True
-                    if self.ragged is not None:
+                    if self.ragged is not None and self.ragged.group_lengths:
                         return self._group_lengths(head, batch, queue), None
                     break
                 batch.append(pending)
@@ -449,7 +449,7 @@ class DynamicBatcher:
                     preferred_cut = len(batch)
                 if rows == limit or scanned >= self._max_scan:
                     full = True
-                    if self.ragged is not None and rows == limit:
+                    if self.ragged is not None and self.ragged.group_lengths and rows == limit:
                         return self._group_lengths(head, batch, queue), None
                     break
             if full:

@@ -7,12 +7,15 @@ A model opts in through ``parameters`` in its ``config.pbtxt`` (slimserve's own 
                  value { string_value: "input_ids,attention_mask,token_type_ids" } }
     parameters { key: "variable_length_outputs" value { string_value: "last_hidden_state" } }
     parameters { key: "pad_value" value { string_value: "input_ids=0" } }  # optional
+    parameters { key: "variable_length_grouping" value { string_value: "false" } }  # optional
 
 Axis 1 (the first after the batch axis) is the sequence axis of every listed tensor. The
 batcher pads the listed inputs of shorter requests to the longest in the batch (``pad_value``:
 one number for all inputs or ``name=value`` pairs, default 0; an input named
 ``attention_mask`` always pads with 0) and trims the listed outputs back to each caller's own
-length. Outputs not listed (pooled embeddings) are returned as they are.
+length. Outputs not listed (pooled embeddings) are returned as they are. When more requests
+wait than fit in a batch, the batcher picks similar lengths unless ``variable_length_grouping``
+is ``false`` (then first come, first served, as for other models).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from serving.errors import InvalidInput, RepositoryError
 INPUTS_KEY = "variable_length_inputs"
 OUTPUTS_KEY = "variable_length_outputs"
 PAD_KEY = "pad_value"
+GROUPING_KEY = "variable_length_grouping"
 MASK_NAME = "attention_mask"
 SEQ_AXIS = 1
 
@@ -38,6 +42,7 @@ class RaggedSpec:
 
     pad_values: dict[str, float]  # variable-length input -> pad value
     outputs: frozenset[str]  # outputs whose axis 1 is the sequence axis
+    group_lengths: bool = True  # batch similar lengths together when more wait than fit
 
     @classmethod
     def from_config(
@@ -50,7 +55,7 @@ class RaggedSpec:
         naming the key when it is inconsistent with the model's tensors."""
         params = config.parameters
         if INPUTS_KEY not in params:
-            for key in (OUTPUTS_KEY, PAD_KEY):
+            for key in (OUTPUTS_KEY, PAD_KEY, GROUPING_KEY):
                 if key in params:
                     raise RepositoryError(f"parameter '{key}' needs '{INPUTS_KEY}' as well")
             return None
@@ -67,7 +72,12 @@ class RaggedSpec:
             pads.update(_pad_values(params[PAD_KEY].string_value, inputs))
         if pads.get(MASK_NAME, 0.0) != 0.0:
             raise RepositoryError(f"parameter '{PAD_KEY}': '{MASK_NAME}' must pad with 0")
-        return cls(pads, frozenset(outputs))
+        grouping = (
+            params[GROUPING_KEY].string_value.strip().lower() if GROUPING_KEY in params else ""
+        )
+        if grouping not in ("", "true", "false"):
+            raise RepositoryError(f"parameter '{GROUPING_KEY}' is {grouping!r}; use true or false")
+        return cls(pads, frozenset(outputs), grouping != "false")
 
     def length(self, inputs: dict[str, np.ndarray]) -> int:
         """The request's sequence length; ``InvalidInput`` when its inputs disagree on it."""

@@ -247,6 +247,14 @@ def test_spec_parses_names_and_pad_values():
         (
             {
                 "variable_length_inputs": {"string_value": "input_ids"},
+                "variable_length_grouping": {"string_value": "sometimes"},
+            },
+            8,
+            "use true or false",
+        ),
+        (
+            {
+                "variable_length_inputs": {"string_value": "input_ids"},
                 "pad_value": {"string_value": "attention_mask=0"},
             },
             8,
@@ -366,6 +374,15 @@ def test_similar_lengths_are_grouped_when_more_wait_than_fit(model_file):
     assert [rows for rows, _ in shapes] == [4, 4, 4, 4]
     assert shapes[0] == (4, 43)  # the oldest (40) and its nearest lengths, not 40/4/41/5
     assert computed < 0.7 * fifo  # FIFO pads every short sequence to 40+
+
+
+def test_grouping_can_be_turned_off(model_file):
+    lengths = [40, 4, 41, 5, 42, 6, 43, 7]
+    data = encoder_config(max_batch_size=4, delay_us=0)
+    data["parameters"]["variable_length_grouping"] = {"string_value": "false"}
+    shapes, results, _ = _queue_behind_first(model_file, data, lengths)
+    assert shapes == [(4, 41), (4, 43)]  # first come, first served: padded, not grouped
+    assert [t.batch_size for _, t in results] == [4] * 8
 
 
 def test_grouping_keeps_priorities(model_file):
