@@ -51,8 +51,12 @@ def _interleaved(calls: dict[str, object], rounds: int = 3) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in results.items()}
 
 
+LOAD_SAMPLES: list[float] = []
+
+
 def _progress(message: str, fraction: float | None) -> None:
-    print(f"  [{time.strftime('%H:%M:%S')}] {message}", flush=True)
+    LOAD_SAMPLES.append(os.getloadavg()[0])
+    print(f"  [{time.strftime('%H:%M:%S')}] {message} (load {LOAD_SAMPLES[-1]:.1f})", flush=True)
 
 
 def _pooled(session, feeds: dict[str, np.ndarray]) -> np.ndarray:
@@ -90,7 +94,10 @@ def minilm(args: argparse.Namespace, workdir: Path) -> dict:
         keep_layers=tuple(args.layers),
         time_budget_s=args.budget,
         lr=args.lr,
+        warmup_steps=args.warmup,
         batch_size=args.batch,
+        hidden_weight=args.hidden_weight,
+        layer_map=args.layer_map,
         eval_every=args.eval_every,
         patience=args.patience,
         holdout_fraction=0.1,
@@ -98,7 +105,9 @@ def minilm(args: argparse.Namespace, workdir: Path) -> dict:
         threads=args.threads,
     )
     start = time.monotonic()
+    LOAD_SAMPLES.clear()
     result = distill.run(teacher, ctx)
+    pass_load = list(LOAD_SAMPLES)
     pass_s = time.monotonic() - start
     report = result.report
     assert result.artifact.onnx_path != teacher.onnx_path, (
@@ -159,6 +168,12 @@ def minilm(args: argparse.Namespace, workdir: Path) -> dict:
         },
         "bytes": {"teacher": report["teacher"]["bytes"], "student": report["student"]["bytes"]},
         "data": report["data"],
+        "loss": report["loss"],
+        "torch_threads": report["torch_threads"],
+        "load_average_1min_during_pass": {
+            "median": float(np.median(pass_load)) if pass_load else None,
+            "max": max(pass_load, default=None),
+        },
         "test_sentences": len(test_texts),
         "test_cosine_mean": float(np.mean(cosines)),
         "test_cosine_p05": float(np.percentile(cosines, 5)),
@@ -249,6 +264,9 @@ def main() -> None:
     parser.add_argument("--cnn-budget", type=float, default=120.0, help="CNN pass budget, s")
     parser.add_argument("--layers", type=int, nargs="+", default=[0, 3, 5])
     parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--warmup", type=int, default=20, help="warm-up steps")
+    parser.add_argument("--hidden-weight", type=float, default=0.0, help="feature-term weight")
+    parser.add_argument("--layer-map", default="skip", choices=["skip", "uniform", "last"])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--patience", type=int, default=6)
@@ -256,7 +274,9 @@ def main() -> None:
     parser.add_argument("--test-sentences", type=int, default=400)
     parser.add_argument("--width", type=float, default=0.5, help="CNN channel fraction")
     parser.add_argument("--temperature", type=float, default=2.0)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads for training")
+    parser.add_argument(
+        "--threads", type=int, default=-1, help="torch threads for training (-1: free cores)"
+    )
     parser.add_argument("--speed-threads", type=int, default=2, help="torch threads, eager timing")
     parser.add_argument("--skip-minilm", action="store_true")
     parser.add_argument("--skip-cnn", action="store_true")

@@ -31,6 +31,12 @@ class DistillConfig:
     width_fraction: float = 0.5
     temperature: float = 2.0
     hidden_weight: float = 0.0
+    """Weight of the feature-based term (transformers): 1 - token cosine of each student layer
+    against the teacher hidden state ``layer_map`` assigns it (0: pooled embeddings only)."""
+    layer_map: str = "skip"
+    """Which teacher state each student layer imitates: ``skip`` (the state handed to the next
+    kept layer), ``uniform`` (every n/m-th layer, MiniLM-style) or ``last`` (the last layer's
+    tokens only)."""
     lr: float | None = None
     """AdamW peak learning rate; None: 2e-4 for transformers, 3e-3 for CNNs."""
     weight_decay: float = 0.01
@@ -47,10 +53,11 @@ class DistillConfig:
     max_seq_len: int = 128
     allow_synthetic: bool = False
     seed: int = 0
-    threads: int = 1
-    """PyTorch intra-op threads while distilling (0: torch's default). One thread is the
-    default because a shared CPU (the server, other jobs) makes multi-threaded training stall:
-    measured 25x slower per step with 2 threads on a loaded 2-core machine."""
+    threads: int = -1
+    """PyTorch intra-op threads while distilling: -1 (default) uses the cores the 1-minute load
+    average leaves free (at least one), 0 leaves torch's setting. A shared CPU (the server,
+    other jobs) makes multi-threaded training stall: measured 25x slower per step with 2
+    threads on a loaded 2-core machine, so a busy machine gets one thread."""
 
     def learning_rate(self, family: str) -> float:
         """The configured ``lr``, or the family's default."""
@@ -78,7 +85,8 @@ class DistillConfig:
             (self.min_holdout >= 1, "min_holdout must be >= 1"),
             (self.min_train >= 1, "min_train must be >= 1"),
             (self.max_seq_len >= 2, "max_seq_len must be >= 2"),
-            (self.threads >= 0, "threads must be >= 0 (0: torch's default)"),
+            (self.threads >= -1, "threads must be >= -1 (-1: free cores, 0: torch's)"),
+            (self.layer_map in ("skip", "uniform", "last"), "layer_map: skip, uniform or last"),
         ]
         for ok, message in checks:
             if not ok:

@@ -129,6 +129,9 @@ class Distill(Pass):
         tr.freeze_embeddings(student)
         torch.manual_seed(cfg.seed)
         ctx.report_progress("distill: caching the teacher's outputs", 0.0)
+        layer_map = (
+            None if cfg.layer_map == "last" else tr.layer_targets(keep, n_layers, cfg.layer_map)
+        )
         task = tr.EmbeddingDistillTask(
             teacher,
             student,
@@ -136,6 +139,7 @@ class Distill(Pass):
             split,
             batch_size=cfg.batch_size,
             hidden_weight=cfg.hidden_weight,
+            layer_map=layer_map,
         )
         cache_s = time.monotonic() - started
         log = train(
@@ -176,6 +180,12 @@ class Distill(Pass):
             },
             "flops_seq_len": ctx.seq_len,
             "metric": "cosine of mean-pooled embeddings",
+            "loss": {
+                "pooled": "1 - cosine + MSE / mean square of the teacher's pooled embeddings",
+                "feature_weight": cfg.hidden_weight,
+                "teacher_states": list(layer_map or [n_layers]) if cfg.hidden_weight else [],
+            },
+            "torch_threads": torch.get_num_threads(),
             "data": {"train": len(split.train), "held_out": len(split.holdout)},
             "teacher_cache_seconds": round(cache_s, 2),
             "training": log.as_dict(),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -68,10 +69,23 @@ class TrainingLog:
         }
 
 
+def free_cores() -> int:
+    """Cores the 1-minute load average leaves idle (at least 1)."""
+    cores = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:
+        return 1
+    return max(1, min(cores, math.floor(cores - busy + 0.5)))
+
+
 @contextlib.contextmanager
 def torch_threads(count: int) -> Iterator[None]:
-    """Run the block with ``count`` PyTorch intra-op threads (0: leave torch's setting)."""
+    """Run the block with ``count`` PyTorch intra-op threads (0: leave torch's setting,
+    -1: as many as ``free_cores``)."""
     previous = torch.get_num_threads()
+    if count < 0:
+        count = free_cores()
     if count > 0:
         torch.set_num_threads(count)
     try:
