@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp
 
 from serving.auth import ApiKeys, Scope, require
 from serving.errors import SlimServeError
@@ -182,3 +183,15 @@ def build_app(
             allow_headers=["*"],
         )
     return app
+
+
+def build_server_app(settings: Settings) -> ASGIApp:
+    """What ``slimserve serve`` hands to uvicorn: ``build_app``'s app with the infer fast path
+    wrapped around the whole of it, so infer requests also skip FastAPI's per-request
+    telemetry check and outer middleware layers (less CPU per request). With CORS origins
+    configured the fast path stays inside the CORS middleware (``build_app``'s placement)."""
+    if settings.cors_origins:
+        return build_app(settings)
+    from serving.routers.infer import InferFastPath
+
+    return InferFastPath(build_app(settings, fast_infer=False))

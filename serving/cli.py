@@ -47,7 +47,7 @@ def serve(
     """Serve a model repository over KServe v2 / Triton HTTP."""
     import uvicorn
 
-    from serving.app import build_app
+    from serving.app import build_server_app
 
     settings = settings_from(
         repository=repository,
@@ -63,13 +63,15 @@ def serve(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     config = uvicorn.Config(
-        build_app(settings),
+        build_server_app(settings),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         access_log=settings.access_log,
         timeout_graceful_shutdown=max(int(settings.drain_timeout_s), 1),
         lifespan="on",
+        http="httptools",  # the C parser (uvicorn[standard]); never the pure-Python h11
+        loop="uvloop",
         proxy_headers=False,  # nothing here reads client addresses; saves CPU per request
     )
     uvicorn.Server(config).run()

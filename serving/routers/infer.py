@@ -11,11 +11,13 @@ import asyncio
 import logging
 import re
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.applications import Starlette
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serving.auth import authorize
@@ -45,19 +47,55 @@ class ClientDisconnected(SlimServeError):
     reason = "cancelled"
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+@dataclass(slots=True)
+class InferHeaders:
+    """The request headers the infer path reads, picked from ASGI's raw header list in one
+    pass (no ``Headers`` object per request)."""
+
+    content_length: str | None = None
+    content_encoding: str | None = None
+    header_length: str | None = None
+    accept_encoding: str | None = None
+
+    @classmethod
+    def from_scope(cls, scope: Scope) -> InferHeaders:
+        found = cls()
+        for key, value in scope["headers"]:
+            attribute = _WANTED.get(key.lower())
+            if attribute is not None:
+                setattr(found, attribute, value.decode("latin-1"))
+        return found
+
+
+_WANTED = {
+    b"content-length": "content_length",
+    b"content-encoding": "content_encoding",
+    HEADER_LENGTH.lower().encode(): "header_length",
+    b"accept-encoding": "accept_encoding",
+}
+
+
+async def read_body(receive: Receive, declared: str | None, limit: int) -> bytes:
     """The whole request body, refusing more than ``limit`` bytes (413)."""
-    declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit}")
     chunks = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected("the client disconnected while sending its request")
+        chunk = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    if len(chunks) == 1:
+        return chunks[0]
+    return b"".join(chunks)
 
 
 def _header_length(value: str | None) -> int | None:
@@ -69,8 +107,7 @@ def _header_length(value: str | None) -> int | None:
     return int(value)
 
 
-async def _wait_disconnect(request: Request) -> None:
-    receive = request.receive
+async def _wait_disconnect(receive: Receive) -> None:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
@@ -78,16 +115,17 @@ async def _wait_disconnect(request: Request) -> None:
 
 
 async def submit_cancellable(
-    request: Request, batcher: DynamicBatcher, arrays: dict[str, np.ndarray], **options: Any
+    receive: Receive, batcher: DynamicBatcher, arrays: dict[str, np.ndarray], **options: Any
 ) -> tuple[dict[str, np.ndarray], Any]:
     """Submit to the batcher; cancel the request when the client disconnects first.
 
     The submit runs in the request's own task (no extra task per request); a watcher task
-    waiting for ``http.disconnect`` cancels it when the client goes away.
+    waiting for ``http.disconnect`` (``receive`` after the body) cancels it when the client
+    goes away.
     """
     current = asyncio.current_task()
     assert current is not None
-    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    watcher = asyncio.ensure_future(_wait_disconnect(receive))
 
     def on_disconnect(done: asyncio.Future[None]) -> None:
         if not done.cancelled():
@@ -119,28 +157,34 @@ def _check_outputs(loaded: LoadedVersion, names: list[str] | None) -> None:
 async def infer_bytes(
     request: Request, name: str, version: str | None
 ) -> tuple[bytes, dict[str, str]]:
+    """``infer_raw`` for a Starlette request (the documented FastAPI routes)."""
+    return await infer_raw(request.app.state, request.scope, request.receive, name, version)
+
+
+async def infer_raw(
+    state: Any, scope: Scope, receive: Receive, name: str, version: str | None
+) -> tuple[bytes, dict[str, str]]:
     """Decode, check, batch, encode; metrics and statistics for every outcome."""
     started = time.perf_counter_ns()
-    state = request.app.state
     if state.api_keys.infer is not None:
-        authorize(request, "infer")
+        authorize(Request(scope, receive), "infer")
     loaded: LoadedVersion = state.models.get(name, parse_version(version))
     limits: ProtocolLimits = state.limits
     metrics = state.metrics
     label = str(loaded.version)
-    headers = request.headers
+    headers = InferHeaders.from_scope(scope)
     with loaded.use():
         try:
-            raw = await read_body(request, limits.max_body_bytes)
-            body = decompress_body(raw, headers.get("content-encoding"), limits)
+            raw = await read_body(receive, headers.content_length, limits.max_body_bytes)
+            body = decompress_body(raw, headers.content_encoding, limits)
             decoded = decode_infer_request(
-                body, header_length=_header_length(headers.get(HEADER_LENGTH)), limits=limits
+                body, header_length=_header_length(headers.header_length), limits=limits
             )
             arrays = check_inputs(decoded, loaded.inputs, loaded.config.max_batch_size)
             output_names = decoded.output_names
             _check_outputs(loaded, output_names)
             outputs, timings = await submit_cancellable(
-                request,
+                receive,
                 loaded.batcher,
                 arrays,
                 output_names=output_names,
@@ -156,9 +200,8 @@ async def infer_bytes(
             metrics.request_failed(name, label, reason=reason, request_ns=elapsed)
             loaded.statistics.record_failure(elapsed)
             raise
-    accept = headers.get("accept-encoding")
-    if accept:
-        content, encoding = compress_body(content, accept)
+    if headers.accept_encoding:
+        content, encoding = compress_body(content, headers.accept_encoding)
         if encoding:
             out_headers["Content-Encoding"] = encoding
     rows = next(iter(arrays.values())).shape[0] if loaded.config.max_batch_size > 0 else 1
@@ -243,10 +286,16 @@ _INFER_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/infer$")
 class InferFastPath:
     """ASGI middleware answering ``POST .../infer`` without FastAPI's routing and dependency
     machinery (a third of the CPU time of a small request); everything else passes through.
-    Errors get the same ``{"error": ...}`` bodies as the app's exception handlers."""
+    Errors get the same ``{"error": ...}`` bodies as the app's exception handlers.
+
+    Placed around the whole FastAPI app (``serving.app.build_server_app``) it also skips
+    FastAPI's per-request telemetry check and its outer middleware layers; ``scope["app"]``
+    is then set to the wrapped app, as Starlette would.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        self.outermost = isinstance(app, Starlette)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":
@@ -256,9 +305,12 @@ class InferFastPath:
         if match is None:
             await self.app(scope, receive, send)
             return
-        request = Request(scope, receive)
+        if self.outermost:
+            scope["app"] = self.app
         try:
-            content, headers = await infer_bytes(request, match.group(1), match.group(2))
+            content, headers = await infer_raw(
+                scope["app"].state, scope, receive, match.group(1), match.group(2)
+            )
         except SlimServeError as exc:
             if isinstance(exc, ClientDisconnected):
                 return

@@ -1,4 +1,5 @@
-"""The infer fast path (ASGI middleware) and the FastAPI routes answer identically."""
+"""The infer fast path (ASGI middleware inside FastAPI, or around the whole app as
+``slimserve serve`` runs it) and the FastAPI routes answer identically."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import orjson
 from fastapi.testclient import TestClient
 
-from serving.app import build_app
+from serving.app import build_app, build_server_app
 from serving.settings import Settings
 from tests.models import basic_repository
 
@@ -49,8 +50,12 @@ REQUESTS = [
 ]
 
 
-def _answers(repo: Path, fast: bool) -> list[tuple[int, bytes, str | None]]:
-    app = build_app(Settings(repository=repo), fast_infer=fast)
+def _answers(repo: Path, placement: str) -> list[tuple[int, bytes, str | None]]:
+    settings = Settings(repository=repo)
+    if placement == "outermost":
+        app = build_server_app(settings)
+    else:
+        app = build_app(settings, fast_infer=placement == "middleware")
     with TestClient(app) as client:
         deadline = time.monotonic() + 60
         while client.get("/v2/health/ready").status_code != 200:
@@ -71,10 +76,11 @@ def _answers(repo: Path, fast: bool) -> list[tuple[int, bytes, str | None]]:
 
 def test_fast_path_and_routes_agree(tmp_path: Path) -> None:
     repo = basic_repository(tmp_path / "repo")
-    fast = _answers(repo, fast=True)
-    routed = _answers(repo, fast=False)
+    fast = _answers(repo, "middleware")
+    routed = _answers(repo, "routes")
+    outermost = _answers(repo, "outermost")
     assert [a[0] for a in fast] == [200, 200, 200, 400, 400, 404, 400, 404, 400, 400]
-    for (path, _, _), a, b in zip(REQUESTS, fast, routed, strict=True):
-        assert a == b, path
+    for (path, _, _), a, b, c in zip(REQUESTS, fast, routed, outermost, strict=True):
+        assert a == b == c, path
     assert orjson.loads(fast[0][1])["outputs"][0]["data"] == [2.0 * x for x in ROW]
     assert fast[2][2] is not None  # binary outputs carry the header length
