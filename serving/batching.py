@@ -16,7 +16,9 @@ lengths (always holding the oldest request) that computes the least padding.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+import itertools
 import logging
 import queue as queue_module
 import threading
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 
 _now = time.perf_counter_ns
 _QUEUED, _TAKEN, _GONE = 0, 1, 2
+GROUP_SCAN = 256  # length grouping picks among this many of the oldest waiting requests
 
 
 @dataclass
@@ -480,36 +483,33 @@ class DynamicBatcher:
         room = self.max_batch_size - sum(p.rows for p in fixed)
         pool: list[_Pending] = []
         for index, pending in enumerate(cut):
-            if index >= self._max_scan:
+            if index >= min(self._max_scan, GROUP_SCAN):
                 break
             if pending is not head and pending.signature == head.signature and pending.rows <= room:
                 pool.append(pending)
         if not pool or room <= 0:
             return fifo
-        pool.sort(key=lambda p: p.length)
+        pool.sort(key=lambda p: (p.length, p.enqueue_ns))
         fixed_rows = sum(p.rows for p in fixed)
         fixed_tokens = sum(p.rows * p.length for p in fixed)
         fixed_width = max((p.length for p in fixed), default=0)
-        best: tuple[float, ...] | None = None
-        chosen: list[_Pending] = []
+        # prefix sums over the sorted pool: each window (pool[start:end], filled while rows
+        # fit) costs O(log n)
+        row_sums = list(itertools.accumulate((p.rows for p in pool), initial=0))
+        token_sums = list(itertools.accumulate((p.rows * p.length for p in pool), initial=0))
+        age_sums = list(itertools.accumulate((p.enqueue_ns for p in pool), initial=0))
+        best: tuple[int, int, int] | None = None
+        best_start = best_end = 0
         for start in range(len(pool)):
-            window, free, tokens = [], room, 0
-            for pending in pool[start:]:
-                if pending.rows > free:
-                    break
-                window.append(pending)
-                free -= pending.rows
-                tokens += pending.rows * pending.length
-                if free == 0:
-                    break
-            rows = fixed_rows + room - free
-            width = max(fixed_width, window[-1].length)
-            padding = rows * width - fixed_tokens - tokens
-            # fullest batch first, then least padding, then the oldest requests
-            key = (-rows, padding, min(p.enqueue_ns for p in window))
+            end = bisect.bisect_right(row_sums, row_sums[start] + room, lo=start + 1) - 1
+            rows = fixed_rows + row_sums[end] - row_sums[start]
+            width = max(fixed_width, pool[end - 1].length)
+            padding = rows * width - fixed_tokens - (token_sums[end] - token_sums[start])
+            # fullest batch first, then least padding, then the longest-waiting requests
+            key = (-rows, padding, age_sums[end] - age_sums[start])
             if best is None or key < best:
-                best, chosen = key, window
-        return fixed + chosen
+                best, best_start, best_end = key, start, end
+        return fixed + pool[best_start:best_end]
 
     def _launch(self, batch: list[_Pending]) -> None:
         instance = self._idle.pop()
