@@ -40,6 +40,7 @@ class LoadResult:
     p90_ms: float
     p99_ms: float
     first_error: str = ""
+    mean_ms: float = 0.0
     completed: int = 0  # all responses of the run, warm-up and drain included
     client_cpu_s: float = 0.0  # the generator's own CPU time (user + system) for the run
 
@@ -47,6 +48,17 @@ class LoadResult:
     def throughput(self) -> float:
         """Successful requests per second."""
         return (self.requests - self.errors) / self.seconds if self.seconds else 0.0
+
+    @property
+    def little_throughput(self) -> float:
+        """Requests per second by Little's law: callers / mean latency. In a closed loop
+        with no think time every caller always has one request outstanding, so this is the
+        rate without the +-1-batch quantisation of counting completions in a fixed window
+        (large when a slow model answers 16 requests at once a few times per window)."""
+        if not self.mean_ms or not self.requests:
+            return 0.0
+        ok = (self.requests - self.errors) / self.requests
+        return self.concurrency / (self.mean_ms / 1000) * ok
 
     @property
     def client_cpu_us(self) -> float:
@@ -217,6 +229,7 @@ async def _load(
         p90_ms=percentile(ms, 90),
         p99_ms=percentile(ms, 99),
         first_error=window.first_error,
+        mean_ms=sum(ms) / len(ms) if ms else 0.0,
         completed=window.completed,
         client_cpu_s=cpu,
     )

