@@ -78,7 +78,8 @@ class SlimLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Scaled dot-product attention on padded ``[B, S, heads*dh]`` tensors.
 
-        ``bias`` is the additive key mask ``[B, 1, 1, S]``. Returns the context
+        ``bias`` is the additive key mask ``[B, 1, 1, S]``; ``head_mask`` scales each head,
+        ``[heads]`` for the whole batch or ``[B, heads]`` per example. Returns the context
         ``[B, S, heads*dh]`` and the attention probabilities ``[B, heads, S, S]``.
         """
         b, s = q.shape[0], q.shape[1]
@@ -90,7 +91,7 @@ class SlimLayer(nn.Module):
         probs = torch.softmax(scores + bias, dim=-1)
         ctx = torch.matmul(probs, vh)
         if head_mask is not None:
-            ctx = ctx * head_mask.view(1, -1, 1, 1)
+            ctx = ctx * head_mask.reshape(-1 if head_mask.dim() > 1 else 1, self.heads, 1, 1)
         ctx = ctx.transpose(1, 2).reshape(b, s, self.heads * self.head_dim)
         return ctx, probs
 
@@ -102,7 +103,10 @@ class SlimLayer(nn.Module):
     def feed_forward(
         self, h: torch.Tensor, neuron_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """FFN, residual and second LayerNorm (bias only when no neurons)."""
+        """FFN, residual and second LayerNorm (bias only when no neurons).
+
+        ``neuron_mask`` scales each neuron: ``[ffn]``, or ``[B, 1, ffn]`` per example.
+        """
         if self.ffn == 0:
             return self.ln2(self.fo.bias + h)
         act = self.act(self.fi(h))
@@ -187,8 +191,12 @@ class SlimEncoder(nn.Module):
     def ffn_per_layer(self) -> list[int]:
         return [layer.ffn for layer in self.layers]
 
-    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-              token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         mask = attention_mask.to(torch.long)
         return self.embeddings(input_ids, self.embeddings.position_ids(mask), token_type_ids)
 
@@ -200,7 +208,11 @@ class SlimEncoder(nn.Module):
         head_masks: torch.Tensor | None = None,
         neuron_masks: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """``last_hidden_state [B, S, hidden]``; optional per-layer head/neuron masks."""
+        """``last_hidden_state [B, S, hidden]``; optional per-layer head/neuron masks.
+
+        ``head_masks[i]`` / ``neuron_masks[i]`` are layer ``i``'s masks in the shapes
+        ``SlimLayer.attend`` / ``SlimLayer.feed_forward`` take (shared or per example).
+        """
         h = self.embed(input_ids, attention_mask, token_type_ids)
         bias = key_bias(attention_mask)
         for i, layer in enumerate(self.layers):
@@ -217,8 +229,12 @@ class PooledEncoder(nn.Module):
         super().__init__()
         self.encoder = encoder
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor | None = None):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ):
         h = self.encoder(input_ids, attention_mask, token_type_ids)
         return h, mean_pool(h, attention_mask)
 
@@ -228,8 +244,15 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def random_encoder(layers: int = 2, hidden: int = 64, heads: int = 4, ffn: int = 128,
-                   vocab: int = 200, seed: int = 0, std: float = 0.1) -> SlimEncoder:
+def random_encoder(
+    layers: int = 2,
+    hidden: int = 64,
+    heads: int = 4,
+    ffn: int = 128,
+    vocab: int = 200,
+    seed: int = 0,
+    std: float = 0.1,
+) -> SlimEncoder:
     """A random-init BERT-style ``SlimEncoder`` (tests and examples; no transformers import).
 
     Every parameter, LayerNorms and biases included, is drawn at random so no two tensors

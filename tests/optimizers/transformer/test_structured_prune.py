@@ -21,6 +21,7 @@ from optimizers.transformer.structured_prune import (
     fisher_gradients,
     search_masks,
     structured_prune,
+    tune_masks,
 )
 from tests.optimizers.transformer.helpers import random_batches, tiny_encoder
 
@@ -84,9 +85,12 @@ def test_pruned_onnx_matches_torch(pruned, calibration, tmp_path):
 
 def test_slicing_equals_masking_with_scales(encoder, calibration):
     rng = np.random.default_rng(3)
-    masks = Masks(heads=[[0, 2], []], neurons=[list(range(0, 128, 3)), list(range(50))],
-                  head_scales=[rng.uniform(0.5, 1.5, 2), np.zeros(0)],
-                  neuron_scales=[rng.uniform(0.5, 1.5, 43), rng.uniform(0.5, 1.5, 50)])
+    masks = Masks(
+        heads=[[0, 2], []],
+        neurons=[list(range(0, 128, 3)), list(range(50))],
+        head_scales=[rng.uniform(0.5, 1.5, 2), np.zeros(0)],
+        neuron_scales=[rng.uniform(0.5, 1.5, 43), rng.uniform(0.5, 1.5, 50)],
+    )
     sliced = apply_masks(encoder, masks)
     assert sliced.heads_per_layer == [2, 0]  # second layer skips attention entirely
     head_masks = torch.zeros(2, 4)
@@ -117,15 +121,56 @@ def test_rearrangement_never_increases_fisher_loss(pruned):
     assert report["fisher_loss_rearranged"] <= report["fisher_loss_search"] + 1e-12
 
 
-def test_fisher_gradients_are_deterministic_and_informative(encoder, calibration):
+def test_fisher_gradients_are_deterministic_and_per_example(encoder, calibration):
     a = fisher_gradients(encoder, calibration[:3], seed=5)
     b = fisher_gradients(encoder, calibration[:3], seed=5)
     np.testing.assert_array_equal(a.head_grads, b.head_grads)
-    assert a.head_grads.shape == (3, 2, 4)
-    assert a.neuron_grads.shape == (3, 2, 128)
+    assert a.head_grads.shape == (12, 2, 4)  # one row per example (3 batches of 4)
+    assert a.neuron_grads.shape == (12, 2, 128)
     assert (a.head_importance > 0).all()
     # the model's own parameters are left as they were
     assert all(p.requires_grad for p in encoder.parameters())
+
+
+def test_fisher_is_not_degenerate_and_ranks_a_useless_head_last(calibration):
+    enc = tiny_encoder()
+    with torch.no_grad():  # head 1 of layer 0 barely reaches the output projection
+        enc.layers[0].o.weight[:, 16:32] *= 1e-3
+    stats = fisher_gradients(enc, calibration[:4], seed=0)
+    imp = stats.head_importance
+    assert np.isfinite(imp).all()
+    assert (imp > 0).all()
+    assert imp[0, 1] < 1e-3 * imp[0, [0, 2, 3]].min()
+    assert (stats.neuron_importance > 0).mean() > 0.9
+
+
+@torch.no_grad()
+def test_mask_tuning_lowers_end_to_end_error(encoder, calibration):
+    stats = fisher_gradients(encoder, calibration, seed=0)
+    per_h, per_n = head_flops(64, 16, 24), neuron_flops(64, 24)
+    masks = search_masks(
+        stats.head_importance,
+        stats.neuron_importance,
+        0.5 * encoder_flops(encoder, 24),
+        per_h,
+        per_n,
+    )
+    tuned, _ = tune_masks(encoder, masks, calibration)
+    assert any((np.abs(s - 1) > 1e-3).any() for s in tuned.neuron_scales + tuned.head_scales)
+
+    def error(model) -> float:
+        errs = []
+        for batch in calibration:
+            ids = torch.as_tensor(batch["input_ids"])
+            mask = torch.as_tensor(batch["attention_mask"])
+            want = mean_pool(encoder(ids, mask), mask)
+            got = mean_pool(model(ids, mask), mask)
+            errs.append(((got - want).norm(dim=1) / want.norm(dim=1)).numpy())
+        return float(np.concatenate(errs).mean())
+
+    untuned_err = error(apply_masks(encoder, masks))
+    tuned_err = error(apply_masks(encoder, tuned))
+    assert tuned_err < 0.9 * untuned_err
 
 
 def test_search_respects_budget_and_keeps_the_most_important():
