@@ -113,6 +113,8 @@ def scrape(url: str, model: str) -> dict[str, float]:
                 values["rows"] = sample.value
             elif name == "slimserve_batch_tokens":
                 values[sample.labels["kind"]] = sample.value
+    stats = httpx.get(f"{url}/v2/models/{model}/stats", timeout=30).json()["model_stats"][0]
+    values["engine_ns"] = float(sum(b["compute_infer"]["ns"] for b in stats["batch_stats"]))
     return values
 
 
@@ -206,16 +208,15 @@ def main() -> None:
                         "p99": 1000 * float(np.percentile(latencies, 99)),
                         "exec": delta["exec"],
                         "rows_per_exec": delta["rows"] / max(delta["exec"], 1),
-                        "padding": (delta["real"] / delta["computed"])
-                        if delta["computed"]
-                        else 1.0,
+                        "padding": delta["real"] / delta["computed"] if delta["computed"] else 1.0,
+                        "engine_ms": delta["engine_ns"] / 1e6 / max(delta["rows"], 1),
                     }
                     rows[variant].append(row)
                     print(
                         f"round {round_index + 1} {variant:8s} {row['rps']:7.1f} req/s  "
                         f"p50 {row['p50']:7.1f} ms  p99 {row['p99']:7.1f} ms  "
                         f"rows/exec {row['rows_per_exec']:5.2f}  "
-                        f"real/computed {row['padding']:.3f}",
+                        f"real/computed {row['padding']:.3f}  engine {row['engine_ms']:.2f} ms/req",
                         flush=True,
                     )
     load_after = os.getloadavg()
@@ -223,20 +224,22 @@ def main() -> None:
         v: {k: statistics.median(r[k] for r in rows[v]) for k in rows[v][0]} for v in VARIANTS
     }
     table = [
-        "| variant | req/s | p50 ms | p99 ms | rows/exec | real/computed tokens |",
-        "|---|---|---|---|---|---|",
+        "| variant | req/s | p50 ms | p99 ms | rows/exec | real/computed tokens | engine ms/req |",
+        "|---|---|---|---|---|---|---|",
     ]
     for variant in VARIANTS:
         m = medians[variant]
         table.append(
             f"| {variant} | {m['rps']:.1f} | {m['p50']:.1f} | {m['p99']:.1f} | "
-            f"{m['rows_per_exec']:.2f} | {m['padding']:.3f} |"
+            f"{m['rows_per_exec']:.2f} | {m['padding']:.3f} | {m['engine_ms']:.2f} |"
         )
+    engine_ratio = medians["fifo"]["engine_ms"] / medians["grouped"]["engine_ms"]
     speedup = medians["grouped"]["rps"] / medians["fifo"]["rps"]
     vs_exact = medians["grouped"]["rps"] / medians["exact"]["rps"]
     text = "\n".join(table)
     print(text)
     print(f"grouped / fifo req/s: {speedup:.2f}x; grouped / exact: {vs_exact:.2f}x")
+    print(f"engine time per request, fifo / grouped: {engine_ratio:.2f}x")
     print(f"load average before {load_before[0]:.1f}, after {load_after[0]:.1f}")
     if args.write:
         command = (
@@ -254,7 +257,10 @@ def main() -> None:
             f"rounds of {args.duration:g} s; answers match each sentence run alone "
             f"(max |diff| {worst:.1e}).\n\n"
             f"{text}\n\n"
-            f"grouped / fifo throughput {speedup:.2f}x, grouped / exact {vs_exact:.2f}x. "
+            f"grouped / fifo throughput {speedup:.2f}x, grouped / exact {vs_exact:.2f}x; engine "
+            f"time per request fifo / grouped {engine_ratio:.2f}x. `engine ms/req`: the "
+            "server's compute_infer time summed over executions (statistics extension) per "
+            "request, which the client's speed does not bound. "
             "`exact`: not marked variable-length (only equal lengths merge); `fifo`: padded "
             "batches, first come first served; `grouped`: padded batches of similar lengths.\n",
         )
