@@ -441,3 +441,41 @@ def test_served_through_the_manager_and_bad_configs_fail_the_load(tmp_path: Path
         np.testing.assert_allclose(
             outputs["last_hidden_state"], engine.infer(request)["last_hidden_state"], atol=1e-5
         )
+
+
+def test_http_answers_400_for_inconsistent_sequence_lengths(tmp_path: Path):
+    """Through the real app: a mismatched request is a 400 naming both lengths; good ones
+    come back trimmed to their own length, and /metrics carries the padding ratio."""
+    import time
+
+    import orjson
+    from fastapi.testclient import TestClient
+
+    from serving.app import build_server_app
+    from serving.settings import Settings
+
+    repo = tmp_path / "repo"
+    write_model(repo, "encoder", encoder_model(), model_config=encoder_config())
+
+    def infer_body(ids: list[list[int]], mask: list[list[int]]) -> bytes:
+        tensors = [("input_ids", ids), ("attention_mask", mask)]
+        inputs = [
+            {"name": n, "shape": [len(v), len(v[0])], "datatype": "INT64", "data": v}
+            for n, v in tensors
+        ]
+        return orjson.dumps({"inputs": inputs, "outputs": [{"name": "last_hidden_state"}]})
+
+    with TestClient(build_server_app(Settings(repository=repo))) as client:
+        deadline = time.monotonic() + 60
+        while client.get("/v2/health/ready").status_code != 200:
+            assert time.monotonic() < deadline, "the model did not load"
+            time.sleep(0.02)
+        url = "/v2/models/encoder/infer"
+        bad = client.post(url, content=infer_body([[1, 2, 3, 4, 5]], [[1, 1, 1, 1]]))
+        assert bad.status_code == 400
+        assert "disagree on the sequence length (5" in bad.json()["error"]
+        good = client.post(url, content=infer_body([[1, 2, 3]], [[1, 1, 1]]))
+        assert good.status_code == 200, good.text
+        assert good.json()["outputs"][0]["shape"] == [1, 3, WIDTH]
+        metrics = client.get("/metrics").text
+        assert 'slimserve_batch_padding_ratio_count{model="encoder",version="1"} 1.0' in metrics
