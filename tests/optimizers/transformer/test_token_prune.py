@@ -10,13 +10,17 @@ import torch
 
 from optimizers.transformer.encoder import mean_pool
 from optimizers.transformer.export import export_onnx, ort_session, run_session
+from optimizers.transformer.ltp import LTPConfig, SoftTokenPruner, learn_thresholds
 from optimizers.transformer.token_prune import (
+    POOL_MODES,
     TokenPruneConfig,
     TokenPrunedEncoder,
     calibrate_thresholds,
     keep_schedule,
+    kept_tokens,
     token_importance,
     token_prune,
+    transfer_matrix,
 )
 from tests.optimizers.transformer.helpers import random_batches, tiny_encoder
 
@@ -54,8 +58,9 @@ def test_onnx_sequence_shrinks_per_layer(encoder, calibration, tmp_path):
         assert all(b <= a for a, b in itertools.pairwise(lens))
         assert lens[-1] < lens[0]  # the sequence really got shorter inside the graph
         with torch.no_grad():
-            want_hidden, want, want_lens = model(torch.as_tensor(batch["input_ids"]),
-                                    torch.as_tensor(batch["attention_mask"]))
+            want_hidden, want, want_lens = model(
+                torch.as_tensor(batch["input_ids"]), torch.as_tensor(batch["attention_mask"])
+            )
         np.testing.assert_allclose(out["embedding"], want.numpy(), atol=5e-5)
         np.testing.assert_array_equal(lens, want_lens.numpy())
         # per-token output keeps the original positions; padding rows stay zero
@@ -105,3 +110,98 @@ def test_keep_schedule_and_bisection(encoder, calibration):
     with pytest.raises(ValueError, match="final_keep"):
         TokenPruneConfig(final_keep=1.5)
     assert isinstance(model, TokenPrunedEncoder)
+
+
+@pytest.mark.parametrize("pool", POOL_MODES)
+def test_pool_modes_export_and_match(encoder, calibration, tmp_path, pool):
+    thresholds = calibrate_thresholds(encoder, calibration, final_keep=0.4)
+    model = TokenPrunedEncoder(encoder, thresholds, pool=pool)
+    session = ort_session(export_onnx(model, tmp_path / f"{pool}.onnx"))
+    batch = calibration[1]
+    out = run_session(session, batch)
+    ids, mask = torch.as_tensor(batch["input_ids"]), torch.as_tensor(batch["attention_mask"])
+    with torch.no_grad():
+        hidden, emb, lens = model(ids, mask)
+        frozen = TokenPrunedEncoder(encoder, thresholds, pool="frozen")(ids, mask)[0]
+    np.testing.assert_allclose(out["last_hidden_state"], hidden.numpy(), atol=5e-5)
+    np.testing.assert_allclose(out["embedding"], emb.numpy(), atol=5e-5)
+    assert lens[-1] < lens[0]
+    assert not out["last_hidden_state"][batch["attention_mask"] == 0].any()  # padding rows
+    # the first token never leaves: its row is its exact final state in every mode
+    torch.testing.assert_close(hidden[:, 0], frozen[:, 0])
+    # dropped tokens' rows differ between modes (they are approximations)
+    if pool != "frozen":
+        assert (hidden - frozen).abs().amax() > 1e-3
+
+
+def test_transfer_matrix_conserves_weight():
+    probs = torch.softmax(torch.randn(2, 3, 5, 5), -1)
+    keep = torch.tensor([[1.0, 0, 1, 0, 1], [1, 1, 0, 0, 0]])
+    for pool in ("carry", "survivors"):
+        t = transfer_matrix(probs, keep, pool)
+        torch.testing.assert_close(t.sum(-1), torch.ones(2, 5))
+        assert (t[..., :] * (1 - keep).unsqueeze(1)).abs().max() == 0  # nothing to dropped
+
+
+def test_soft_pruner_is_the_hard_model_at_low_temperature(encoder, calibration):
+    thresholds = calibrate_thresholds(encoder, calibration, final_keep=0.5)
+    soft = SoftTokenPruner(encoder, thresholds, temperature=1e-4)
+    hard = TokenPrunedEncoder(encoder, soft.thresholds())
+    for batch in calibration[:2]:
+        ids, mask = torch.as_tensor(batch["input_ids"]), torch.as_tensor(batch["attention_mask"])
+        with torch.no_grad():
+            got, entering = soft(ids, mask)
+            want = hard(ids, mask)
+        # equal up to near-ties (importance within ~T of a threshold stays fractional)
+        assert torch.nn.functional.cosine_similarity(got, want[1]).min() > 0.999
+        # soft presence entering each layer matches the hard kept counts
+        kept = [float(p.sum()) for p in entering]
+        hard_kept = [k * ids.shape[0] for k in kept_tokens(hard, [batch])]
+        np.testing.assert_allclose(kept, hard_kept, atol=1.0)
+        assert kept[-1] < kept[0]
+
+
+def test_learned_thresholds_move_and_regularizer_prunes_more(encoder, calibration, tmp_path):
+    init = calibrate_thresholds(encoder, calibration, final_keep=0.7)
+    cfg = LTPConfig(steps=25, lr=0.1, temperature=0.3, keep_weight=0.0)
+    loose, rep = learn_thresholds(encoder, calibration, init, cfg)
+    tight, _ = learn_thresholds(
+        encoder, calibration, init, LTPConfig(steps=25, lr=0.1, temperature=0.3, keep_weight=1.0)
+    )
+    assert rep["steps"] == 25
+    assert rep["history"]
+    assert all(p.requires_grad for p in encoder.parameters())  # restored after training
+    assert loose[-1] is None
+    assert tight[-1] is None
+    assert any(abs(a - b) > 1e-3 for a, b in zip(loose[:-1], init[:-1], strict=True))
+    # the keep-ratio penalty raises the thresholds (here the first layer's), so fewer stay;
+    # without it the distillation loss alone lowers them
+    assert tight[0] > loose[0]
+    assert loose[0] < init[0]
+    kept_loose = kept_tokens(TokenPrunedEncoder(encoder, loose), calibration)
+    kept_tight = kept_tokens(TokenPrunedEncoder(encoder, tight), calibration)
+    assert sum(kept_tight) < sum(kept_loose)
+    # the hard-threshold model still shrinks per layer in ONNX Runtime and matches PyTorch
+    model = TokenPrunedEncoder(encoder, tight)
+    session = ort_session(export_onnx(model, tmp_path / "ltp.onnx"))
+    batch = calibration[0]
+    out = run_session(session, batch)
+    with torch.no_grad():
+        _, want, lens = model(
+            torch.as_tensor(batch["input_ids"]), torch.as_tensor(batch["attention_mask"])
+        )
+    np.testing.assert_array_equal(out["seq_lens"], lens.numpy())
+    assert all(b <= a for a, b in itertools.pairwise(out["seq_lens"]))
+    assert out["seq_lens"][-1] < out["seq_lens"][0]
+    np.testing.assert_allclose(out["embedding"], want.numpy(), atol=5e-5)
+
+
+def test_learned_token_prune_meets_the_bound(encoder, calibration):
+    cfg = TokenPruneConfig(
+        min_cosine=0.97, steps=4, method="learned", ltp=LTPConfig(steps=15, keep_weight=0.05)
+    )
+    model, report = token_prune(encoder, calibration, cfg)
+    assert report["method"] == "learned"
+    assert report["calibration_cosine"] >= 0.97
+    assert report["ltp"]["steps"] == 15
+    assert model.pool == "survivors"
