@@ -60,7 +60,19 @@ def export_onnx(module: nn.Module, path: Path, seq_len: int = 16, batch: int = 2
             output_names=names, dynamic_axes=axes, opset_version=OPSET,
             do_constant_folding=True,
         )
+    _expand_placeholders(path)
     return path
+
+
+def _expand_placeholders(path: Path) -> None:
+    """Write the ONNX ``Loop`` of packed per-sequence attention in place of its placeholders."""
+    import onnx
+
+    from optimizers.transformer.varlen_attention import DOMAIN, expand_varlen_attention
+
+    model = onnx.load(str(path))
+    if any(o.domain == DOMAIN for o in model.opset_import) and expand_varlen_attention(model):
+        onnx.save(model, str(path))
 
 
 def onnx_initializer_shapes(path: Path) -> dict[str, tuple[int, ...]]:

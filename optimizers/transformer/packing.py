@@ -1,11 +1,14 @@
 """Padding removal (ByteDance effective_transformer style) that runs on ONNX Runtime's CPU provider.
 
 ``PackedEncoder`` gathers the real tokens of a padded batch into one ``[T, hidden]`` tensor
-(``T`` = number of real tokens, data-dependent in the exported graph); every dense part of
-every layer (Q/K/V and output projections, FFN, LayerNorms) runs on that packed tensor, and
-only the attention core scatters Q/K/V back to ``[B, S, ...]`` to run per sequence with the
-padding masked. The last hidden state is scattered back (padding rows are zero) and
-mean-pooled. ORT's own packing mode (RemovePadding / PackedAttention) has no CPU kernel.
+(``T`` = number of real tokens, data-dependent in the exported graph) once, at the embedding,
+and keeps that layout through every layer: the fused Q/K/V projection, the output projection,
+the FFN and the LayerNorms all run on the ``T`` packed rows. Attention runs per sequence over
+its own rows only (``varlen_attention``: an ONNX ``Loop`` of ORT's fused CPU
+``MultiHeadAttention`` without any mask, so no padding at all and ``sum(len_i^2)`` work); one
+Gather brings each layer's context back into packed order. The last hidden state is scattered
+back to ``[B, S, hidden]`` (padding rows are zero) and mean-pooled. ORT's own packing mode
+(RemovePadding / PackedAttention) has no CPU kernel.
 
 ``bucket_by_length`` is the server-side half: group requests of similar length so each
 batch pads little.
@@ -18,18 +21,40 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from optimizers.transformer.encoder import SlimEncoder, key_bias, mean_pool
+from optimizers.transformer.encoder import SlimEncoder, SlimLayer, mean_pool
+from optimizers.transformer.varlen_attention import back_index, varlen_attention
+
+
+def packed_attention(
+    layer: SlimLayer,
+    h: torch.Tensor,
+    offsets: torch.Tensor,
+    lengths: torch.Tensor,
+    back: torch.Tensor,
+) -> torch.Tensor:
+    """Self-attention context ``[T, heads*dh]`` of packed tokens ``h [T, hidden]``."""
+    weight = torch.cat([layer.q.weight, layer.k.weight, layer.v.weight]).t()  # one MatMul
+    bias = torch.cat([layer.q.bias, layer.k.bias, layer.v.bias])  # added inside the attention
+    return varlen_attention(h @ weight, bias, offsets, lengths, back, layer.heads)
 
 
 class PackedEncoder(nn.Module):
-    """``(input_ids, attention_mask) -> (last_hidden_state, embedding)`` without padding compute."""
+    """``(input_ids, attention_mask) -> (last_hidden_state, embedding)`` without padding compute.
+
+    Every row of ``attention_mask`` needs at least one real token (a row without any is
+    accepted, its outputs are zero, but a batch without any real token is not).
+    """
 
     def __init__(self, encoder: SlimEncoder) -> None:
         super().__init__()
         self.encoder = encoder
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor | None = None):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ):
         enc = self.encoder
         b, s = input_ids.shape[0], input_ids.shape[1]
         mask = attention_mask.to(torch.long)
@@ -43,20 +68,13 @@ class PackedEncoder(nn.Module):
         pos = enc.embeddings.position_ids(mask).reshape(-1)[idx]
         types = token_type_ids.reshape(-1)[idx] if token_type_ids is not None else None
         h = enc.embeddings(ids, pos, types)  # [T, hidden]
-        bias = key_bias(mask)
+        # sequence i owns packed rows offsets[i] .. offsets[i] + lengths[i] - 1
+        lengths = mask.sum(1)
+        offsets = torch.cumsum(lengths, 0) - lengths
+        back = back_index(idx, mask)
         for layer in enc.layers:
-            if layer.heads > 0:
-                width = layer.heads * layer.head_dim
-                q, k, v = layer.project_qkv(h)
-                qkv = torch.cat([q, k, v], dim=1)
-                qkv = torch.cat([qkv, torch.zeros(1, 3 * width, dtype=h.dtype)], dim=0)
-                padded = qkv[unpack].reshape(b, s, 3 * width)
-                qp, kp, vp = torch.split(padded, width, dim=2)
-                ctx, _ = layer.attend(qp, kp, vp, bias)
-                h = layer.attention_out(ctx.reshape(b * s, width)[idx], h)
-            else:
-                h = layer.attention_out(None, h)
-            h = layer.feed_forward(h)
+            ctx = packed_attention(layer, h, offsets, lengths, back) if layer.heads > 0 else None
+            h = layer.feed_forward(layer.attention_out(ctx, h))
         hidden = h.shape[1]
         rows = torch.cat([h, torch.zeros(1, hidden, dtype=h.dtype)], dim=0)
         out = rows[unpack].reshape(b, s, hidden)
