@@ -45,14 +45,73 @@ def test_packed_graph_runs_dense_layers_on_real_tokens_only(encoder, tmp_path):
     graph = onnx.load(str(path)).graph
     ops = {n.op_type for n in graph.node}
     assert {"NonZero", "Gather"} <= ops  # tokens gathered by a data-dependent index
+    # attention: one Loop per layer over the sequences, fused attention without a key mask
+    loops = [n for n in graph.node if n.op_type == "Loop"]
+    assert len(loops) == len(encoder.layers)
+    body = next(a.g for a in loops[0].attribute if a.name == "body")
+    (mha,) = [n for n in body.node if n.op_type == "MultiHeadAttention"]
+    assert len(mha.input) == 4  # q, k, v, bias: no key padding mask
+    assert all(n.domain != "slimserve" for n in graph.node)
+    # the dense layers run on [T, hidden]: one fused Q/K/V MatMul per layer, no padded MatMul
+    matmuls = [n for n in graph.node if n.op_type in ("MatMul", "Gemm")]
+    assert len(matmuls) == 4 * len(encoder.layers)
     # the packed model equals the padded one on real tokens for a new batch shape
     session = ort_session(path)
     padded = ort_session(export_onnx(encoder, tmp_path / "padded.onnx"))
     batch = random_batches(1, 3, 70, seed=9)[0]
     a, b = run_session(session, batch), run_session(padded, batch)
     real = batch["attention_mask"].astype(bool)
-    np.testing.assert_allclose(a["last_hidden_state"][real], b["last_hidden_state"][real],
-                               atol=5e-5)
+    np.testing.assert_allclose(
+        a["last_hidden_state"][real], b["last_hidden_state"][real], atol=5e-5
+    )
+
+
+@pytest.fixture(scope="module")
+def packed_session(encoder, tmp_path_factory):
+    return ort_session(export_onnx(PackedEncoder(encoder), tmp_path_factory.mktemp("p") / "p.onnx"))
+
+
+def _batch(lengths: list[int], seed: int, left: bool = False) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    width = max(lengths)
+    ids = rng.integers(1, 200, size=(len(lengths), width)).astype(np.int64)
+    mask = (np.arange(width)[None, :] < np.array(lengths)[:, None]).astype(np.int64)
+    if left:
+        mask = mask[:, ::-1].copy()
+    ids[mask == 0] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize(
+    "lengths",
+    [[37], [1], [9, 9, 9, 9], [1, 30, 1, 7], [64, 1], list(range(1, 21)), [5] * 33],
+    ids=["one", "one-token", "all-equal", "length-1s", "long+1", "1..20", "33x5"],
+)
+def test_packed_equals_padded_on_real_tokens(encoder, packed_session, lengths):
+    batch = _batch(lengths, seed=len(lengths))
+    out = run_session(packed_session, batch)
+    ids, mask = torch.as_tensor(batch["input_ids"]), torch.as_tensor(batch["attention_mask"])
+    with torch.no_grad():
+        padded = encoder(ids, mask).numpy()
+        eager = PackedEncoder(encoder)(ids, mask)[0].numpy()
+    real = batch["attention_mask"].astype(bool)
+    np.testing.assert_allclose(out["last_hidden_state"][real], padded[real], atol=5e-5)
+    np.testing.assert_allclose(eager[real], padded[real], atol=5e-5)
+    assert not out["last_hidden_state"][~real].any()
+    for i, n in enumerate(lengths):
+        want = _alone(encoder, batch["input_ids"][i], n)
+        np.testing.assert_allclose(out["embedding"][i], want.mean(0), atol=5e-5)
+
+
+def test_packed_handles_left_padding(encoder, packed_session):
+    batch = _batch([3, 11, 6], seed=3, left=True)
+    out = run_session(packed_session, batch)["last_hidden_state"]
+    with torch.no_grad():
+        want = encoder(
+            torch.as_tensor(batch["input_ids"]), torch.as_tensor(batch["attention_mask"])
+        ).numpy()
+    real = batch["attention_mask"].astype(bool)
+    np.testing.assert_allclose(out[real], want[real], atol=5e-5)
 
 
 @settings(max_examples=60, deadline=None)
@@ -65,7 +124,7 @@ def test_bucket_by_length_properties(lengths, max_batch):
     assert len(buckets) == -(-len(lengths) // max_batch)  # as few batches as possible
     # never more padding than cutting the sorted order into consecutive full chunks
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    chunks = [order[i:i + max_batch] for i in range(0, len(order), max_batch)]
+    chunks = [order[i : i + max_batch] for i in range(0, len(order), max_batch)]
     assert padded_tokens(lengths, buckets) <= padded_tokens(lengths, chunks)
 
 
