@@ -14,6 +14,7 @@ from optimizers.passes.base import Artifact, Pass, PassContext, PassResult
 from optimizers.registry import register_chains, register_pass
 from optimizers.transformer.encoder import PooledEncoder
 from optimizers.transformer.export import export_onnx
+from optimizers.transformer.ltp import LTPConfig
 from optimizers.transformer.packing import PackedEncoder
 from optimizers.transformer.passes.source import (
     calibration_batches,
@@ -82,7 +83,7 @@ class StructPrune(_TransformerPass):
 
 @register_pass
 class TokenPrune(_TransformerPass):
-    """Attention-importance token pruning with per-layer calibrated thresholds."""
+    """Attention-importance token pruning; thresholds learned as in LTP (or calibrated)."""
 
     name = "token_prune"
 
@@ -93,10 +94,17 @@ class TokenPrune(_TransformerPass):
         margin: float = 0.002
         start_layer: int = 0
         steps: int = 5
+        method: str = "learned"
+        """learned (LTP soft-mask distillation, then shifted to the bound) | calibrated"""
+        pool: str = "survivors"
+        """how dropped tokens' rows are filled: survivors | carry | frozen"""
+        ltp_steps: int = 100
+        keep_weight: float = 0.02
 
         def __post_init__(self) -> None:
             TokenPruneConfig(final_keep=self.final_keep, min_cosine=self.target_cosine,
-                             start_layer=self.start_layer)
+                             start_layer=self.start_layer, method=self.method, pool=self.pool,
+                             ltp=LTPConfig(steps=self.ltp_steps, keep_weight=self.keep_weight))
 
     def call(self, artifact: Artifact, ctx: PassContext) -> PassResult:
         encoder = source_encoder(artifact)
@@ -105,6 +113,8 @@ class TokenPrune(_TransformerPass):
             final_keep=self.config.final_keep,
             min_cosine=min(1.0, self.config.target_cosine + self.config.margin),
             start_layer=self.config.start_layer, steps=self.config.steps,
+            method=self.config.method, pool=self.config.pool,
+            ltp=LTPConfig(steps=self.config.ltp_steps, keep_weight=self.config.keep_weight),
         )
         model, report = token_prune(encoder, calibration_batches(ctx, self.name), cfg,
                                     check=ctx.check_cancelled, reference=reference)
@@ -137,5 +147,11 @@ register_chains("transformer", [
     ["struct_prune", "token_prune", "ort_transformer_optimize", "quantize_dynamic"],
     ["token_prune", "ort_transformer_optimize", "quantize_dynamic"],
     [("struct_prune", {"flops_keep": 0.8}), "ort_transformer_optimize", "quantize_dynamic"],
+    # the combined candidates (issue 4): mild structured pruning, then token pruning; every
+    # prefix (struct alone, struct + tokens, + fusion) is measured as a candidate too
+    [("struct_prune", {"flops_keep": 0.9}), "token_prune", "ort_transformer_optimize",
+     "quantize_dynamic"],
+    [("struct_prune", {"flops_keep": 0.8}), "token_prune", "ort_transformer_optimize",
+     "quantize_dynamic"],
     ["pack_padding", "quantize_dynamic"],
 ])
