@@ -15,7 +15,8 @@ class DistillConfig:
     channels / hidden neurons kept, the most important filters by L1 norm).
 
     Training: ``temperature`` for the KL term on logits, ``lr`` with ``warmup_steps`` linear
-    warm-up then linear decay to ``max_steps`` (None: until the budget or early stopping),
+    warm-up then cosine decay to 10% at the end of the time budget or ``max_steps`` (None: until
+    the budget or early stopping),
     ``eval_every`` steps between held-out evaluations, ``patience`` evaluations without
     improvement before stopping, ``time_budget_s`` for training (also capped by the job's
     deadline: at most ``budget_share`` of what is left of it).
@@ -30,7 +31,7 @@ class DistillConfig:
     ffn_fraction: float = 1.0
     width_fraction: float = 0.5
     temperature: float = 2.0
-    hidden_weight: float = 0.0
+    hidden_weight: float = 1.0
     """Weight of the feature-based term (transformers): 1 - token cosine of each student layer
     against the teacher hidden state ``layer_map`` assigns it (0: pooled embeddings only)."""
     layer_map: str = "skip"
@@ -38,7 +39,7 @@ class DistillConfig:
     kept layer), ``uniform`` (every n/m-th layer, MiniLM-style) or ``last`` (the last layer's
     tokens only)."""
     lr: float | None = None
-    """AdamW peak learning rate; None: 2e-4 for transformers, 3e-3 for CNNs."""
+    """AdamW peak learning rate; None: 1e-3 for transformers, 3e-3 for CNNs."""
     weight_decay: float = 0.01
     warmup_steps: int = 20
     batch_size: int = 32
@@ -63,7 +64,7 @@ class DistillConfig:
         """The configured ``lr``, or the family's default."""
         if self.lr is not None:
             return self.lr
-        return 2e-4 if family == "transformer" else 3e-3
+        return 1e-3 if family == "transformer" else 3e-3
 
     def __post_init__(self) -> None:
         checks = [
