@@ -28,10 +28,10 @@ from tests.optimizers.tiny import tiny_bert_checkpoint
 
 MIN_COSINE = 0.9
 REQUEST = {"batch_size": 4, "seq_len": 32, "min_cosine": MIN_COSINE, "time_budget_s": 240}
-# fewer FLOPs (pruned heads/neurons) or fewer tokens in later layers: faster at the timing
-# shape, so these win the search; padding removal cannot win there (the timing batch has
-# no padding), so the search keeps the original and the report says why
-WINS = {"struct_prune": True, "token_prune": True, "pack_padding": False}
+# The request can only allow passes, not force one: the search serves the fastest candidate
+# within the bound. Pruning (fewer FLOPs or tokens) usually wins; padding removal cannot win
+# at the search's timing shape (one batch without padding). When the pass's candidate loses,
+# it must be on latency alone (said in the report), and the served version is the original.
 
 
 @pytest.fixture(scope="module")
@@ -83,13 +83,15 @@ def test_pass_runs_through_upload_job_and_serving(setup: dict[str, Any], techniq
     # the job ran the pass: its candidate was built and measured against the original
     ran = [c for c in report["candidates"] if c["passes"] == [technique]]
     assert ran, [(c["label"], c["status"], c["reason"]) for c in report["candidates"]]
-    assert all(c["fidelity"] and c["latency_ms"] for c in ran), ran
-    winner = report["winner"]
-    if WINS[technique]:
-        assert winner["passes"] == [technique], [(c["label"], c["reason"]) for c in ran]
-    else:
+    for candidate in ran:
+        assert candidate["fidelity"], candidate["reason"]  # built and measured, not failed
+        assert candidate["latency_ms"], candidate["reason"]
+    if technique == "pack_padding":
         assert ran[0]["fidelity"]["cosine"] > 0.9999  # exact up to float error
-        assert winner["passes"] == [technique] or "slower" in ran[0]["reason"], ran
+    winner = report["winner"]
+    if winner["passes"] != [technique]:
+        assert all("slower" in c["reason"] for c in ran), [(c["label"], c["reason"]) for c in ran]
+        assert winner["passes"] == []
     assert winner["fidelity"]["cosine"] >= MIN_COSINE
 
     # the new version is served and answers exactly as its published ONNX file
