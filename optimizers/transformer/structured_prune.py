@@ -217,25 +217,49 @@ def rearrange_masks(masks: Masks, stats: FisherStats) -> tuple[Masks, dict[str, 
     return out, {"fisher_loss_search": before, "fisher_loss_rearranged": after}
 
 
-def _ridge_scales(gram: np.ndarray, rhs: np.ndarray, damp: float) -> np.ndarray | None:
-    """Scales ``s`` minimising ``||A s - t||^2 + lam ||s - 1||^2`` given ``A^T A`` and ``A^T t``.
-
-    ``None`` (keep the scales at one) when the solve fails or a scale leaves [-10, 10], as
-    the reference implementation rejects such solutions.
-    """
+def _damped_step(gram: np.ndarray, rhs: np.ndarray, damp: float) -> np.ndarray | None:
+    """``argmin ||A d - e||^2 + lam ||d||^2`` from ``A^T A``, ``A^T e`` (``None`` if singular)."""
     k = gram.shape[0]
-    if k == 0:
-        return np.zeros(0)
-    lam = damp * float(np.trace(gram)) / k + 1e-12
-    ones = np.ones(k)
+    lam = damp * float(np.trace(gram)) / max(k, 1) + 1e-12
     try:
-        delta = scipy.linalg.solve(gram + lam * np.eye(k), rhs - gram @ ones, assume_a="pos")
+        delta = scipy.linalg.solve(gram + lam * np.eye(k), rhs, assume_a="pos")
     except (np.linalg.LinAlgError, ValueError):
         return None
-    scales = ones + delta
-    if not np.isfinite(scales).all() or np.abs(scales).max() > 10.0:
-        return None
-    return scales
+    return delta if np.isfinite(delta).all() else None
+
+
+def _fit_scales(
+    n: int,
+    pre_ln: Callable[[torch.Tensor], torch.Tensor],
+    system: Callable[[torch.Tensor, _LayerNormLinearization], tuple[np.ndarray, np.ndarray]],
+    ln: torch.nn.LayerNorm,
+    target: torch.Tensor,
+    damp: float,
+    iters: int,
+) -> tuple[np.ndarray, float, float]:
+    """Damped Gauss-Newton on ``||LN(pre_ln(s)) - target||^2`` from ``s = 1``.
+
+    Each step linearises the LayerNorm at the current pre-LN sum and solves the damped
+    least squares problem for the scale update; a step is taken only if it lowers the
+    actual error, and scales outside [-10, 10] are rejected (as in the reference code).
+    Returns (scales, error at s = 1, error at the returned scales), relative errors.
+    """
+    scales = np.ones(n)
+    before = best = _rel_err(ln(pre_ln(torch.ones(n))), target)
+    for _ in range(iters if n else 0):
+        x = pre_ln(torch.as_tensor(scales).float())
+        lin = _LayerNormLinearization.at(x, ln)
+        delta = _damped_step(*system(target - ln(x), lin), damp)
+        if delta is None:
+            break
+        cand = scales + delta
+        if np.abs(cand).max() > 10.0:
+            break
+        err = _rel_err(ln(pre_ln(torch.as_tensor(cand).float())), target)
+        if err >= best:
+            break
+        scales, best = cand, err
+    return scales, before, best
 
 
 @dataclass
@@ -266,17 +290,18 @@ class _LayerNormLinearization:
         return self.gain * (rc - self.xhat * along) * self.inv_sigma[:, None]
 
 
-def _head_system(contribs: torch.Tensor, target: torch.Tensor, lin: _LayerNormLinearization):
-    """Normal equations for head scales; ``contribs [k, N, d]``, ``target [N, d]``."""
+def _head_system(contribs: torch.Tensor, tau: torch.Tensor, lin: _LayerNormLinearization):
+    """Normal equations ``(LA)^T LA``, ``(LA)^T tau`` for head scales (``contribs [k, N, d]``,
+    ``tau [N, d]`` in the LayerNorm's output space)."""
     a = lin(contribs)
-    t = lin(target)
+    t = tau
     gram = torch.einsum("inh,jnh->ij", a.double(), a.double()).numpy()
     rhs = torch.einsum("inh,nh->i", a.double(), t.double()).numpy()
     return gram, rhs
 
 
 def _neuron_system(
-    act: torch.Tensor, w: torch.Tensor, target: torch.Tensor, lin: _LayerNormLinearization
+    act: torch.Tensor, w: torch.Tensor, tau: torch.Tensor, lin: _LayerNormLinearization
 ):
     """Normal equations for neuron scales without forming ``A`` (``[N*d, k]``).
 
@@ -286,31 +311,41 @@ def _neuron_system(
     low-rank corrections.
     """
     d = w.shape[0]
-    a, w = act.double(), w.double()
-    xhat, inv_s, g = lin.xhat.double(), lin.inv_sigma.double(), lin.gain.double()
+    a = act  # float32 products (FP64 would double the time), FP64 solve
+    xhat, inv_s, g = lin.xhat, lin.inv_sigma, lin.gain
     b_mat = g[:, None] * (w - w.mean(0, keepdim=True))  # [d, k]
     q = g * xhat  # [N, d]
     u = a * (xhat @ w)  # [N, k]
     p = a * (q @ b_mat)  # [N, k]
     w2 = inv_s**2
-    gram = (b_mat.T @ b_mat) * (a.T @ (a * w2[:, None]))
-    cross = p.T @ (u * w2[:, None])
+    gram = (b_mat.T @ b_mat).double() * (a.T @ (a * w2[:, None])).double()
+    cross = (p.T @ (u * w2[:, None])).double()
     gram = gram - (cross + cross.T) / d
-    gram = gram + u.T @ (u * (w2 * (q**2).sum(1) / d**2)[:, None])
-    tau = lin(target).double()  # [N, d]
+    gram = gram + (u.T @ (u * (w2 * (q**2).sum(1) / d**2)[:, None])).double()
     rhs = (a * (tau @ b_mat)).T @ inv_s - u.T @ (inv_s * (q * tau).sum(1) / d)
-    return gram.numpy(), rhs.numpy()
+    return gram.numpy(), rhs.double().numpy()
 
 
 def _rel_err(pred: torch.Tensor, target: torch.Tensor) -> float:
     return float((pred - target).norm() / target.norm().clamp(min=1e-12))
 
 
+def _spread(calibration: Sequence[Batch], n: int) -> list[Batch]:
+    """Up to ``n`` batches evenly spread over ``calibration`` (which may be length-sorted)."""
+    cal = list(calibration)
+    if len(cal) <= n:
+        return cal
+    return [cal[i] for i in np.linspace(0, len(cal) - 1, n).round().astype(int)]
+
+
 def _gather_tokens(encoder: SlimEncoder, calibration: Sequence[Batch], max_tokens: int):
-    """Embedding outputs of the real tokens, grouped per batch (with bias for attention)."""
+    """Embedding outputs of about ``max_tokens`` real tokens from batches spread over
+    ``calibration``, grouped per batch (with the key bias and real-token mask)."""
+    cal = list(calibration)
+    per_batch = max(1.0, float(np.mean([b["attention_mask"].sum() for b in cal])))
     items = []
     total = 0
-    for batch in calibration:
+    for batch in _spread(cal, max(1, int(np.ceil(max_tokens / per_batch)))):
         ids, mask = _torch_batch(batch)
         items.append((encoder.embed(ids, mask), key_bias(mask), mask.bool()))
         total += int(mask.sum())
@@ -344,16 +379,17 @@ def tune_masks(
     damp: float = 1e-3,
     max_tokens: int = 4096,
     check: Callable[[], None] | None = None,
+    iters: int = 3,
 ) -> tuple[Masks, list[dict[str, float]]]:
     """Layer-wise least-squares scales for the kept heads and neurons (Kwon et al. step 3).
 
     Layers are tuned in order. For each sublayer the input is the pruned-and-tuned
     model's own hidden state (student) and the target the unpruned model's output for the
-    same tokens (teacher); the scales of the kept heads (then neurons) solve a damped least
-    squares problem on the residual sum, measured through the linearised LayerNorm that
-    follows it. A solution is kept only if it lowers the actual post-LayerNorm error of
-    that sublayer on the calibration tokens; otherwise the scales stay at one. Errors
-    reported are relative post-LayerNorm errors against the teacher.
+    same tokens (teacher); the scales of the kept heads (then neurons) solve damped least
+    squares problems on the residual sum, measured through the LayerNorm that follows it
+    (linearised, a few Gauss-Newton steps; ``_fit_scales``). A step is kept only if it
+    lowers the actual post-LayerNorm error of that sublayer on the calibration tokens.
+    Errors reported are relative post-LayerNorm errors against the teacher.
     """
     items = _gather_tokens(encoder, calibration, max_tokens)
     teacher = [h for h, _, _ in items]
@@ -377,17 +413,15 @@ def tune_masks(
         sum_t = torch.cat([st[r] for st, r in zip(sums_t, real_all, strict=True)])
         res = torch.cat(base)  # student residual + bias, [N, d]
         out_t = layer.ln1(sum_t)
-        lin = _LayerNormLinearization.at(sum_t, layer.ln1)
-        ones_h = np.ones(len(kept_h))
-        err_before = _rel_err(layer.ln1(a.sum(0) + res), out_t)
-        scales_h, err_after = ones_h, err_before
-        if kept_h:
-            cand = _ridge_scales(*_head_system(a, sum_t - res, lin), damp)
-            if cand is not None:
-                pred = torch.einsum("i,inh->nh", torch.as_tensor(cand).float(), a) + res
-                err = _rel_err(layer.ln1(pred), out_t)
-                if err < err_before:
-                    scales_h, err_after = cand, err
+        scales_h, err_before, err_after = _fit_scales(
+            len(kept_h),
+            lambda sc, a=a, res=res: torch.einsum("i,inh->nh", sc, a) + res,
+            lambda tau, lin, a=a: _head_system(a, tau, lin),
+            layer.ln1,
+            out_t,
+            damp,
+            iters,
+        )
         del a, contribs
         scale_vec = torch.zeros(layer.heads)
         scale_vec[kept_h] = torch.as_tensor(scales_h).float()
@@ -408,16 +442,15 @@ def tune_masks(
         sum2_t = torch.cat([st[r] for st, r in zip(sums2_t, real_all, strict=True)])
         res = torch.cat(base)
         out_t = layer.ln2(sum2_t)
-        lin = _LayerNormLinearization.at(sum2_t, layer.ln2)
-        ffn_before = _rel_err(layer.ln2(act @ w.T + res), out_t)
-        scales_n, ffn_after = np.ones(len(kept_n)), ffn_before
-        if kept_n:
-            cand = _ridge_scales(*_neuron_system(act, w, sum2_t - res, lin), damp)
-            if cand is not None:
-                pred = (act * torch.as_tensor(cand).float()) @ w.T + res
-                err = _rel_err(layer.ln2(pred), out_t)
-                if err < ffn_before:
-                    scales_n, ffn_after = cand, err
+        scales_n, ffn_before, ffn_after = _fit_scales(
+            len(kept_n),
+            lambda sc, act=act, w=w, res=res: (act * sc) @ w.T + res,
+            lambda tau, lin, act=act, w=w: _neuron_system(act, w, tau, lin),
+            layer.ln2,
+            out_t,
+            damp,
+            iters,
+        )
         errors.append(
             {
                 "layer": li,
@@ -496,7 +529,7 @@ def calibration_cosine(
 
     ``reference`` is an encoder or its ``pooled_embeddings`` on the same batches.
     """
-    batches = list(calibration)[:max_batches]
+    batches = _spread(calibration, max_batches)
     ref = (
         reference[: len(batches)]
         if isinstance(reference, list)
@@ -575,7 +608,7 @@ def structured_prune(
         timings["rearrange_s"] = time.perf_counter() - t0
     errors: list[dict[str, float]] = []
     pruned = apply_masks(encoder, masks)
-    ref = pooled_embeddings(encoder, calibration[:16])
+    ref = pooled_embeddings(encoder, _spread(calibration, 16))
     fidelity = {"calibration_cosine_untuned": calibration_cosine(ref, pruned, calibration)}
     if config.tune:
         say("mask tuning (least squares per layer)", 0.6)
