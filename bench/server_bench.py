@@ -505,7 +505,8 @@ def render(
         "sample per request; the load generator (bench/loadgen.py) runs on the same cores as "
         "the server (`pin`: the core it was pinned to).",
         "`server samples/s` = callers / mean latency (Little's law for a closed loop; no "
-        "+-1-batch quantisation when a slow model answers 16 requests at once); `engine/s` = "
+        "+-1-batch quantisation when a slow model answers 16 requests at once); `counted/s` = "
+        "successful responses counted in the window, for comparison; `engine/s` = "
         "onnxruntime in process running the batch sizes the server formed in that run, the "
         "faster of the server's session options (`srv`: spinning off) and onnxruntime's "
         "defaults (`ort`: spinning on) at the same thread count (`ref`: which one, per round); "
@@ -515,15 +516,15 @@ def render(
         "`CPU eff` = engine / (server + client): the share of the CPU spent per request that "
         "the engine alone needs, which other processes' load distorts far less than `eff`.",
         "",
-        "| model | protocol | batching | conc | pin | server samples/s | engine samples/s "
-        "| eff | CPU eff | ref | mean batch | p50 ms | p90 ms | p99 ms | CPU server | CPU engine "
-        "| CPU client | errors |",
-        "|---|---|---|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | protocol | batching | conc | pin | server samples/s | counted/s "
+        "| engine samples/s | eff | CPU eff | ref | mean batch | p50 ms | p90 ms | p99 ms "
+        "| CPU server | CPU engine | CPU client | errors |",
+        "|---|---|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for (model, protocol, batching, concurrency, pin), cell in cells.items():
         lines.append(
             f"| {model} | {protocol} | {batching} | {concurrency} | {pin} "
-            f"| {med(cell.throughput):.0f} | {med(cell.engine):.0f} "
+            f"| {med(cell.throughput):.0f} | {med(cell.counted):.0f} | {med(cell.engine):.0f} "
             f"| {med(cell.efficiency):.2f} | {med(cell.cpu_efficiency):.2f} "
             f"| {','.join(SHORT[v] for v in cell.variants)} | {med(cell.mean_batch):.1f} "
             f"| {med(cell.p50):.1f} "
