@@ -22,20 +22,18 @@ import torch
 from torch import nn
 
 from optimizers.transformer.encoder import SlimEncoder, SlimLayer, mean_pool
-from optimizers.transformer.varlen_attention import back_index, varlen_attention
+from optimizers.transformer.varlen_attention import (
+    SequencePlan,
+    sequence_plan,
+    varlen_attention,
+)
 
 
-def packed_attention(
-    layer: SlimLayer,
-    h: torch.Tensor,
-    offsets: torch.Tensor,
-    lengths: torch.Tensor,
-    back: torch.Tensor,
-) -> torch.Tensor:
+def packed_attention(layer: SlimLayer, h: torch.Tensor, plan: SequencePlan) -> torch.Tensor:
     """Self-attention context ``[T, heads*dh]`` of packed tokens ``h [T, hidden]``."""
     weight = torch.cat([layer.q.weight, layer.k.weight, layer.v.weight]).t()  # one MatMul
     bias = torch.cat([layer.q.bias, layer.k.bias, layer.v.bias])  # added inside the attention
-    return varlen_attention(h @ weight, bias, offsets, lengths, back, layer.heads)
+    return varlen_attention(h @ weight, bias, plan, layer.heads)
 
 
 class PackedEncoder(nn.Module):
@@ -68,12 +66,9 @@ class PackedEncoder(nn.Module):
         pos = enc.embeddings.position_ids(mask).reshape(-1)[idx]
         types = token_type_ids.reshape(-1)[idx] if token_type_ids is not None else None
         h = enc.embeddings(ids, pos, types)  # [T, hidden]
-        # sequence i owns packed rows offsets[i] .. offsets[i] + lengths[i] - 1
-        lengths = mask.sum(1)
-        offsets = torch.cumsum(lengths, 0) - lengths
-        back = back_index(idx, mask)
+        plan = sequence_plan(mask, idx)
         for layer in enc.layers:
-            ctx = packed_attention(layer, h, offsets, lengths, back) if layer.heads > 0 else None
+            ctx = packed_attention(layer, h, plan) if layer.heads > 0 else None
             h = layer.feed_forward(layer.attention_out(ctx, h))
         hidden = h.shape[1]
         rows = torch.cat([h, torch.zeros(1, hidden, dtype=h.dtype)], dim=0)

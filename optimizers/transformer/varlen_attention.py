@@ -1,20 +1,22 @@
 """Exact per-sequence attention over packed tokens, exported as an ONNX ``Loop``.
 
-``varlen_attention(q, k, v, ...)`` attends each sequence of a packed ``[T, D]`` batch over its
-own tokens only: no padding, no mask, so ONNX Runtime's CPU ``MultiHeadAttention`` takes its
-flash-attention path (it falls back to a slower unfused kernel whenever a key mask is given)
-and the work is ``sum(len_i^2)`` instead of ``B * L_max^2``.
+``varlen_attention(qkv, bias, plan, heads)`` attends each sequence of a packed ``[T, 3D]``
+Q|K|V batch over its own tokens only: no padding, no mask, so ONNX Runtime's CPU
+``MultiHeadAttention`` takes its flash-attention path (it falls back to a slower unfused
+kernel whenever a key mask is given) and the work is ``sum(len_i^2)``, not ``B * L_max^2``.
 
 The PyTorch exporter cannot write a ``Loop`` from a traced function, so the function exports
 as a placeholder node ``slimserve.VarlenAttention``; ``expand_varlen_attention`` then replaces
-each placeholder by a ``Loop`` over the sequences (Slice the sequence's rows of Q/K/V,
-``com.microsoft.MultiHeadAttention``, Pad to ``L_max``) and one Gather of the loop's stacked
-output back into packed order.
+each placeholder by: Q|K|V as ``[3, T, D]``; a ``Loop`` over the sequences whose body is
+Slice (the sequence's rows) -> Split -> ``com.microsoft.MultiHeadAttention`` -> Pad to
+``L_max``; and one Gather of the stacked ``[B, L_max, D]`` output back into packed order.
+Slice bounds and pads come from a ``SequencePlan`` computed once per forward.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import onnx
 import torch
@@ -24,56 +26,67 @@ DOMAIN = "slimserve"
 OP = "VarlenAttention"
 
 
+@dataclass
+class SequencePlan:
+    """Where each sequence of a packed batch lives (shared by every layer)."""
+
+    starts: torch.Tensor  # [B, 1] first packed row (an empty sequence borrows a real row)
+    ends: torch.Tensor  # [B, 1] one past its last row (at least one row)
+    pads: torch.Tensor  # [B, 6] ONNX Pad amounts taking [1, len, D] to [1, L_max, D]
+    back: torch.Tensor  # [T] ``i * L_max + position`` of each packed token
+
+
+def sequence_plan(mask: torch.Tensor, token_index: torch.Tensor) -> SequencePlan:
+    """Plan for a 0/1 ``mask [B, S]`` whose real tokens sit at flat ``token_index [T]``.
+
+    Sequence ``i`` owns packed rows ``offsets[i] .. offsets[i] + lengths[i] - 1`` whatever its
+    padding side, since ``token_index`` scans the mask row by row.
+    """
+    lengths = mask.sum(1)
+    offsets = torch.cumsum(lengths, 0) - lengths
+    rows = torch.clamp(lengths, min=1)
+    starts = torch.minimum(offsets, torch.full_like(offsets, token_index.shape[0] - 1))
+    lmax = torch.clamp(lengths.max(), min=1)
+    zero = torch.zeros_like(lengths)
+    pads = torch.stack([zero, zero, zero, zero, lmax - rows, zero], dim=1)
+    s = mask.shape[1]
+    seq = torch.div(token_index, s, rounding_mode="floor")
+    position = (torch.cumsum(mask, 1) - 1).reshape(-1)[token_index]
+    return SequencePlan(
+        starts.unsqueeze(1), (starts + rows).unsqueeze(1), pads, seq * lmax + position
+    )
+
+
 class _VarlenAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qkv, bias, offsets, lengths, back, heads: int):
+    def forward(ctx, qkv, bias, starts, ends, pads, back, heads: int):
         width = qkv.shape[1] // 3
-        q, k, v = torch.split(qkv, width, dim=1)
         dh = width // heads
-        qb, kb, vb = torch.split(bias, width)
-        out = torch.zeros_like(q)
-        for start, n in zip(offsets.tolist(), lengths.tolist(), strict=True):
-            if n == 0:
-                continue
-            rows = slice(start, start + n)
-
-            def split(x: torch.Tensor, rows: slice = rows, n: int = n) -> torch.Tensor:
-                return x[rows].reshape(n, heads, dh).transpose(0, 1)
-
-            scores = torch.matmul(split(q + qb), split(k + kb).transpose(1, 2)) / math.sqrt(dh)
-            ctx_ = torch.matmul(torch.softmax(scores, dim=-1), split(v + vb))
-            out[rows] = ctx_.transpose(0, 1).reshape(n, width)
-        return out
+        qkv = qkv + bias
+        stacked = []
+        for start, end, pad in zip(
+            starts[:, 0].tolist(), ends[:, 0].tolist(), pads[:, 4].tolist(), strict=True
+        ):
+            q, k, v = (
+                x.reshape(end - start, heads, dh).transpose(0, 1)
+                for x in torch.split(qkv[start:end], width, dim=1)
+            )
+            scores = torch.matmul(q, k.transpose(1, 2)) / math.sqrt(dh)
+            out = torch.matmul(torch.softmax(scores, dim=-1), v).transpose(0, 1)
+            stacked.append(torch.nn.functional.pad(out.reshape(end - start, width), (0, 0, 0, pad)))
+        return torch.cat(stacked)[back]
 
     @staticmethod
-    def symbolic(g, qkv, bias, offsets, lengths, back, heads: int):
-        return g.op(f"{DOMAIN}::{OP}", qkv, bias, offsets, lengths, back, heads_i=heads)
+    def symbolic(g, qkv, bias, starts, ends, pads, back, heads: int):
+        return g.op(f"{DOMAIN}::{OP}", qkv, bias, starts, ends, pads, back, heads_i=heads)
 
 
 def varlen_attention(
-    qkv: torch.Tensor,
-    bias: torch.Tensor,
-    offsets: torch.Tensor,
-    lengths: torch.Tensor,
-    back: torch.Tensor,
-    heads: int,
+    qkv: torch.Tensor, bias: torch.Tensor, plan: SequencePlan, heads: int
 ) -> torch.Tensor:
-    """Context ``[T, D]`` of the packed projections ``qkv [T, 3D]`` (Q | K | V; ``bias [3D]``).
-
-    Sequence ``i`` owns rows ``offsets[i] .. offsets[i] + lengths[i] - 1``; ``back [T]`` is
-    ``i * L_max + position`` of each packed token (where the Loop's ``[B, L_max, D]`` output
-    holds it).
-    """
-    return _VarlenAttention.apply(qkv, bias, offsets, lengths, back, heads)
-
-
-def back_index(token_index: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``i * L_max + position`` of each packed token (``token_index`` = flat padded positions)."""
-    s = mask.shape[1]
-    lmax = torch.clamp(mask.sum(1).max(), min=1)
-    seq = torch.div(token_index, s, rounding_mode="floor")
-    position = (torch.cumsum(mask, 1) - 1).reshape(-1)[token_index]
-    return seq * lmax + position
+    """Context ``[T, D]`` of the packed projections ``qkv [T, 3D]`` (Q | K | V; ``bias [3D]``
+    added), each sequence attending over its own rows."""
+    return _VarlenAttention.apply(qkv, bias, plan.starts, plan.ends, plan.pads, plan.back, heads)
 
 
 def _const(name: str, values: list[int]) -> onnx.NodeProto:
@@ -82,40 +95,17 @@ def _const(name: str, values: list[int]) -> onnx.NodeProto:
 
 
 def _loop_body(
-    p: str,
-    qkv: str,
-    width: int,
-    bias: str,
-    offsets: str,
-    lengths: str,
-    lmax: str,
-    last: str,
-    heads: int,
+    p: str, qkv: str, bias: str, starts: str, ends: str, pads: str, heads: int
 ) -> onnx.GraphProto:
-    """Loop body for sequence ``i``: its rows of ``qkv [1, T, 3D]`` -> MultiHeadAttention ->
-    ``[1, L_max, D]``."""
+    """Body for sequence ``i``: its rows of ``qkv [3, T, D]`` -> attention -> ``[1, L_max, D]``."""
     n = lambda s: f"{p}_{s}"  # noqa: E731
     nodes = [
-        _const(n("zero"), [0]),
-        _const(n("one"), [1]),
-        helper.make_node("Unsqueeze", [n("i"), n("zero")], [n("i1")]),
-        helper.make_node("Gather", [offsets, n("i1")], [n("start0")]),
-        helper.make_node("Gather", [lengths, n("i1")], [n("len0")]),
-        # an empty sequence still attends over one row (its output is never gathered)
-        helper.make_node("Min", [n("start0"), last], [n("start")]),
-        helper.make_node("Max", [n("len0"), n("one")], [n("len")]),
-        helper.make_node("Add", [n("start"), n("len")], [n("end")]),
-    ]
-    nodes += [_const(n("axes"), [1, 2])]
-    for j, x in enumerate("qkv"):
-        nodes += [
-            _const(n(f"{x}_col0"), [j * width]),
-            _const(n(f"{x}_col1"), [(j + 1) * width]),
-            helper.make_node("Concat", [n("start"), n(f"{x}_col0")], [n(f"{x}_lo")], axis=0),
-            helper.make_node("Concat", [n("end"), n(f"{x}_col1")], [n(f"{x}_hi")], axis=0),
-            helper.make_node("Slice", [qkv, n(f"{x}_lo"), n(f"{x}_hi"), n("axes")], [n(x)]),
-        ]
-    nodes += [
+        _const(n("axis"), [1]),
+        helper.make_node("Gather", [starts, n("i")], [n("start")]),
+        helper.make_node("Gather", [ends, n("i")], [n("end")]),
+        helper.make_node("Gather", [pads, n("i")], [n("pads")]),
+        helper.make_node("Slice", [qkv, n("start"), n("end"), n("axis")], [n("rows")]),
+        helper.make_node("Split", [n("rows")], [n("q"), n("k"), n("v")], axis=0),
         helper.make_node(
             "MultiHeadAttention",
             [n("q"), n("k"), n("v"), bias],
@@ -123,10 +113,6 @@ def _loop_body(
             domain="com.microsoft",
             num_heads=heads,
         ),
-        helper.make_node("Sub", [lmax, n("len")], [n("short")]),
-        _const(n("pads_lo"), [0, 0, 0, 0]),
-        _const(n("pads_hi"), [0]),
-        helper.make_node("Concat", [n("pads_lo"), n("short"), n("pads_hi")], [n("pads")], axis=0),
         helper.make_node("Pad", [n("ctx"), n("pads")], [n("padded")]),
         helper.make_node("Identity", [n("cond_in")], [n("cond_out")]),
     ]
@@ -145,23 +131,17 @@ def _loop_body(
 
 
 def _expand(node: onnx.NodeProto, index: int, width: int) -> list[onnx.NodeProto]:
-    qkv2d, bias, offsets, lengths, back = node.input
+    qkv2d, bias, starts, ends, pads, back = node.input
     heads = next(a.i for a in node.attribute if a.name == "heads")
     p = f"varlen{index}"
-    body_prefix = f"{p}_body"
     n = lambda s: f"{p}_{s}"  # noqa: E731
-    qkv = n("qkv3d")
-    body = _loop_body(body_prefix, qkv, width, bias, offsets, lengths, n("lmax"), n("last"), heads)
+    body = _loop_body(f"{p}_body", n("qkv"), bias, starts, ends, pads, heads)
     return [
-        _const(n("one"), [1]),
+        _const(n("shape3"), [-1, 3, width]),
+        helper.make_node("Reshape", [qkv2d, n("shape3")], [n("tqkv")]),
+        helper.make_node("Transpose", [n("tqkv")], [n("qkv")], perm=[1, 0, 2]),  # [3, T, D]
         _const(n("zero"), [0]),
-        _const(n("shape3d"), [1, -1, 3 * width]),
-        helper.make_node("Reshape", [qkv2d, n("shape3d")], [qkv]),
-        helper.make_node("ReduceMax", [lengths], [n("lmax0")], axes=[0], keepdims=1),
-        helper.make_node("Max", [n("lmax0"), n("one")], [n("lmax")]),
-        helper.make_node("Shape", [qkv2d], [n("qshape")], end=1),
-        helper.make_node("Sub", [n("qshape"), n("one")], [n("last")]),
-        helper.make_node("Shape", [lengths], [n("count1")]),
+        helper.make_node("Shape", [starts], [n("count1")], end=1),
         helper.make_node("Squeeze", [n("count1"), n("zero")], [n("count")]),
         helper.make_node(
             "Constant",
@@ -170,8 +150,7 @@ def _expand(node: onnx.NodeProto, index: int, width: int) -> list[onnx.NodeProto
             value=helper.make_tensor(n("cond_t"), TensorProto.BOOL, [], [True]),
         ),
         helper.make_node("Loop", [n("count"), n("cond")], [n("stacked")], body=body),
-        # stacked [B, 1, L_max, D] -> [B * L_max, D]
-        _const(n("flat_shape"), [-1, width]),
+        _const(n("flat_shape"), [-1, width]),  # [B, 1, L_max, D] -> [B * L_max, D]
         helper.make_node("Reshape", [n("stacked"), n("flat_shape")], [n("flat")]),
         helper.make_node("Gather", [n("flat"), back], list(node.output), axis=0),
     ]
@@ -180,8 +159,8 @@ def _expand(node: onnx.NodeProto, index: int, width: int) -> list[onnx.NodeProto
 def expand_varlen_attention(model: onnx.ModelProto) -> int:
     """Replace every ``slimserve.VarlenAttention`` node of ``model`` in place; returns how many."""
     graph = model.graph
-    nodes, count = [], 0
     sizes = {i.name: i.dims for i in graph.initializer}
+    nodes, count = [], 0
     for node in graph.node:
         if node.domain == DOMAIN and node.op_type == OP:
             nodes += _expand(node, count, int(sizes[node.input[1]][0]) // 3)
