@@ -289,19 +289,20 @@ METHODS = ("learned", "calibrated")
 class TokenPruneConfig:
     """Token pruning settings.
 
-    ``method="learned"``: thresholds trained as in LTP (``optimizers.transformer.ltp``) from
-    a calibrated start (``init_keep``), then shifted together (one factor, bisected) to the
-    most aggressive setting whose calibration cosine is >= ``min_cosine`` (or, with
-    ``final_keep``, the mildest one leaving at most that fraction of tokens for the last
-    layer). ``method="calibrated"``: per-layer quantile thresholds for a linear keep
-    schedule, ``final_keep`` fixed or bisected for ``min_cosine``.
+    ``method="learned"`` (the pipeline pass's default): thresholds trained as in LTP
+    (``optimizers.transformer.ltp``) from a calibrated start (``init_keep``), then shifted
+    together (one factor, bisected) to the most aggressive setting whose calibration
+    cosine is >= ``min_cosine`` (or, with ``final_keep``, the mildest one leaving at most
+    that fraction of tokens for the last layer). ``method="calibrated"`` (this function's
+    default; no training): per-layer quantile thresholds for a linear keep schedule,
+    ``final_keep`` fixed or bisected for ``min_cosine``.
     """
 
     final_keep: float | None = None
     min_cosine: float = 0.99
     start_layer: int = 0
     steps: int = 5
-    method: str = "learned"
+    method: str = "calibrated"
     pool: str = "survivors"
     init_keep: float = 0.8
     ltp: LTPConfig = field(default_factory=LTPConfig)
