@@ -136,6 +136,9 @@ class RemoteServer:
         return self.process.returncode
 
     def __enter__(self) -> RemoteServer:
+        """Start the server unless ``start()`` already did (``with RemoteServer(..).start():``)."""
+        if self.process is not None and self.process.poll() is None:
+            return self
         return self.start()
 
     def __exit__(
