@@ -27,7 +27,11 @@ class OptimizationRequest:
     ``min_cosine`` bounds the cosine similarity of outputs to the original's;
     ``max_accuracy_drop`` bounds the drop in task accuracy (with labels) or top-1 agreement
     (without). At least one bound must be set. ``allow`` restricts the passes the search
-    may use (``None``: all).
+    may use (``None``: all). ``require`` names passes the served result must contain: only
+    chains holding all of them are searched, they are kept even when they time slower than
+    their parent on the timing batch (the user knows the workload, e.g. padded batches for
+    ``pack_padding``), and the winner is the fastest such candidate within the fidelity
+    bound; the original is served only when none is (the report says why).
     """
 
     name: str
@@ -38,6 +42,7 @@ class OptimizationRequest:
     max_accuracy_drop: float | None = None
     time_budget_s: float | None = None
     allow: tuple[str, ...] | None = None
+    require: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -65,6 +70,14 @@ class OptimizationRequest:
             if isinstance(self.allow, str) or not all(isinstance(a, str) for a in self.allow):
                 raise InvalidInput("allow: must be a list of pass names")
             object.__setattr__(self, "allow", tuple(self.allow))
+        if self.require is not None:
+            if isinstance(self.require, str) or not all(isinstance(a, str) for a in self.require):
+                raise InvalidInput("require: must be a list of pass names")
+            object.__setattr__(self, "require", tuple(self.require))
+            if self.allow is not None:
+                missing = [name for name in self.require if name not in self.allow]
+                if missing:
+                    raise InvalidInput(f"require: {missing} must also be named in allow")
 
     def fidelity_bound(self) -> dict[str, float]:
         """The bound as a dict, for the report."""
@@ -78,6 +91,7 @@ class OptimizationRequest:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["allow"] = list(self.allow) if self.allow is not None else None
+        data["require"] = list(self.require) if self.require is not None else None
         return data
 
     @classmethod
@@ -95,8 +109,9 @@ class OptimizationRequest:
         if "name" not in data:
             raise InvalidInput("name: a non-empty model name is required")
         values = dict(data)
-        if isinstance(values.get("allow"), list):
-            values["allow"] = tuple(values["allow"])
+        for key in ("allow", "require"):
+            if isinstance(values.get(key), list):
+                values[key] = tuple(values[key])
         return cls(**values)
 
 

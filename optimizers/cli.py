@@ -35,6 +35,9 @@ def optimize(
     batch_size: Annotated[int, typer.Option(help="batch size to optimize for")] = 8,
     seq_len: Annotated[int, typer.Option(help="sequence length to optimize for")] = 128,
     allow: Annotated[str | None, typer.Option(help="comma-separated pass names")] = None,
+    require: Annotated[
+        str | None, typer.Option(help="comma-separated passes the result must contain")
+    ] = None,
     time_budget: Annotated[float | None, typer.Option(help="seconds")] = None,
     repository: Annotated[
         Path | None, typer.Option(help="publish into this model repository")
@@ -56,6 +59,7 @@ def optimize(
             max_accuracy_drop=max_accuracy_drop,
             time_budget_s=time_budget,
             allow=tuple(a.strip() for a in allow.split(",") if a.strip()) if allow else None,
+            require=tuple(a.strip() for a in require.split(",") if a.strip()) if require else None,
         )
     except SlimServeError as exc:
         console.print(f"[red]error:[/red] {exc}")

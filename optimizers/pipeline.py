@@ -34,6 +34,7 @@ from optimizers.passes.base import Artifact, Cancelled, PassContext
 from optimizers.registry import LOAD_ERRORS, get_pass
 from optimizers.report import pass_plots, plot, write_json
 from optimizers.search import Search, SearchSettings
+from serving.errors import InvalidInput
 
 PLATFORM = "onnxruntime_onnx"
 PLAN_PLATFORM = "tensorrt_plan"
@@ -136,6 +137,7 @@ def optimize(
         bound=request.fidelity_bound(),
         measure=measure,
         pass_defaults={"target_cosine": request.min_cosine},
+        required=tuple(request.require or ()),
     )
 
     def on_candidate(label: str, done: int, total: int) -> None:
@@ -145,6 +147,7 @@ def optimize(
 
     search = Search(artifact, ctx, settings, timing, on_candidate)
     chains, skipped_chains = build_chains(artifact.family, request.target, request.allow)
+    chains = required_chains(chains, skipped_chains, request, artifact.family)
     search.run(chains)
     events.candidate = None
     events.span = 0.0
@@ -165,6 +168,16 @@ def optimize(
         time.monotonic() - started,
     )
     report["engine"] = {"platform": platform, "file": engine.name}
+    if request.require:
+        met = search.holds_required(winner)
+        report["require"] = {
+            "passes": list(request.require),
+            "met": met,
+            "reason": "the winner holds every required pass"
+            if met
+            else "no candidate holding the required passes was within the fidelity bound; "
+            "the original is served",
+        }
     if request.target == "tensorrt":
         report["tensorrt"] = tensorrt_summary(search, winner, platform)
     files.update(pass_plots(report, result_dir))  # e.g. distill_curve.png
@@ -184,6 +197,31 @@ def optimize(
         original_file=original,
         original_files=original_files,
     )
+
+
+def required_chains(
+    chains: list[list[Any]],
+    skipped: list[dict[str, Any]],
+    request: OptimizationRequest,
+    family: str,
+) -> list[list[Any]]:
+    """The chains holding every pass of ``request.require`` (others go to ``skipped``)."""
+    if not request.require:
+        return chains
+    kept = []
+    for chain in chains:
+        names = [name for name, _ in chain]
+        missing = [n for n in request.require if n not in names]
+        if missing:
+            skipped.append({"passes": names, "reason": f"lacks required pass(es) {missing}"})
+        else:
+            kept.append(chain)
+    if not kept:
+        raise InvalidInput(
+            f"require: no candidate chain for a {family} model on target {request.target!r} "
+            f"holds {list(request.require)} (check the names and that they are allowed)"
+        )
+    return kept
 
 
 def pick_winner(search: Search, target: str) -> Any:

@@ -87,6 +87,9 @@ class SearchSettings:
     spread (``latency.iqr_ms``, ``latency_spread`` = IQR / median) is in the report."""
     pass_defaults: dict[str, Any] = field(default_factory=dict)
     """Values for pass config fields the chain does not set (e.g. ``target_cosine``)."""
+    required: tuple[str, ...] = ()
+    """Passes the winner must contain; a candidate whose last step is one of them is not
+    dropped for timing slower than its parent (its benefit may not show on the timing batch)."""
 
 
 def _spreads(candidate: Candidate, parent: Candidate) -> str:
@@ -230,6 +233,7 @@ class Search:
             parent_ms is not None
             and candidate.latency_ms is not None
             and candidate.latency_ms > parent_ms * (1.0 + self.settings.slower_tolerance)
+            and name not in self.settings.required
         ):
             candidate.reason = (
                 f"slower than its parent {parent.id}: median {candidate.latency_ms:.3f} ms "
@@ -294,6 +298,15 @@ class Search:
 
     # -- outcome -----------------------------------------------------------------------
     def winner(self) -> Candidate:
-        """The fastest kept candidate (the original when nothing beat it)."""
+        """The fastest kept candidate (the original when nothing beat it); with required
+        passes, the fastest kept candidate holding all of them (else the original)."""
         kept = [c for c in self.candidates if c.status == KEPT and c.latency_ms is not None]
+        if self.settings.required:
+            holding = [c for c in kept if self.holds_required(c)]
+            kept = holding or [self.baseline]
         return min(kept, key=lambda c: c.latency_ms)
+
+    def holds_required(self, candidate: Candidate) -> bool:
+        """Whether every required pass is a step of ``candidate``."""
+        names = {name for name, _ in candidate.steps}
+        return all(name in names for name in self.settings.required)

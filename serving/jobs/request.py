@@ -24,6 +24,9 @@ class OptimizeRequestBody(BaseModel):
     max_accuracy_drop: float | None = Field(None, ge=0.0, le=1.0)
     time_budget_s: float | None = Field(None, ge=1.0, le=7 * 86400)
     allow: list[str] | None = Field(None, description="pass names the search may use")
+    require: list[str] | None = Field(
+        None, description="pass names the served result must contain (also allowed)"
+    )
 
 
 def _describe(error: ValidationError) -> str:

@@ -94,3 +94,49 @@ def test_equal_kept_within_noise_slower_dropped_with_spread(
     for candidate in report["candidates"]:
         assert candidate["latency_spread"] == pytest.approx(0.02)
         assert candidate["latency"]["iqr_ms"] > 0
+
+
+class _Slow(_Copy):
+    """A pass the user requires even though it times slower (like packing on unpadded data)."""
+
+    name = "test_slow"
+
+
+def test_required_pass_is_served_even_when_slower(
+    tiny_mlp_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry.available_passes()
+    monkeypatch.setitem(registry._PASSES, _Copy.name, _Copy)
+    monkeypatch.setitem(registry._PASSES, _Slow.name, _Slow)
+    monkeypatch.setitem(
+        registry._CHAINS,
+        "generic",
+        [[("test_copy", {"factor": 0.5})], [("test_slow", {"factor": 1.5})]],
+    )
+    monkeypatch.setattr(search, "onnx_latency", _fixed_latency)
+    allow = ("test_copy", "test_slow")
+    free = OptimizationRequest(name="mlp", batch_size=2, allow=allow)
+    report = run_optimization(tiny_mlp_onnx, free, tmp_path / "free").report
+    assert report["winner"]["label"] == "test_copy(factor=0.5)"  # fastest wins when free
+
+    required = OptimizationRequest(name="mlp", batch_size=2, allow=allow, require=("test_slow",))
+    report = run_optimization(tiny_mlp_onnx, required, tmp_path / "required").report
+    assert report["winner"]["label"] == "test_slow(factor=1.5)"
+    assert report["require"] == {
+        "passes": ["test_slow"],
+        "met": True,
+        "reason": "the winner holds every required pass",
+    }
+    labels = [c["label"] for c in report["candidates"]]
+    assert "test_copy(factor=0.5)" not in labels  # chains without it are not searched
+    assert any("lacks required" in s["reason"] for s in report["skipped_chains"])
+
+
+def test_require_must_be_allowed_and_known(tiny_mlp_onnx: Path, tmp_path: Path) -> None:
+    from serving.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match="must also be named in allow"):
+        OptimizationRequest(name="mlp", allow=("quantize_dynamic",), require=("lowrank",))
+    request = OptimizationRequest(name="mlp", batch_size=2, require=("no_such_pass",))
+    with pytest.raises(InvalidInput, match="no candidate chain"):
+        run_optimization(tiny_mlp_onnx, request, tmp_path / "job")
