@@ -278,11 +278,13 @@ def tokens_section(enc, tok, work: Path, texts: dict, rounds: int, runs: int,
     """Token pruning: pool modes, calibrated vs learned thresholds, speed at 128/256, and how
     much of the speed comes from padding (short sentences padded to 128) vs real tokens."""
     log("== token pruning")
-    cal = batches(tok, texts["cal_pass"], 8, 128)
+    # passages (~128 tokens) and short sentences: thresholds depend on the length
+    cal = batches(tok, texts["cal_pass"], 8, 128) + batches(tok, texts["cal_sent"], 32, 128)
     held = {"held_passages": batches(tok, texts["held_pass"], 8, 128),
             "held_sentences": batches(tok, texts["held_sent"], 32, 128)}
     bound = 0.99 + 0.002  # the pass's default target plus margin
-    result: dict = {"bound_on_calibration": bound, "calibration_passages": len(texts["cal_pass"])}
+    result: dict = {"bound_on_calibration": bound, "calibration_passages": len(texts["cal_pass"]),
+                    "calibration_sentences": len(texts["cal_sent"])}
     # 1. how dropped tokens enter the mean pool, at fixed calibrated schedules
     modes = []
     for final_keep in (0.9, 0.75):
@@ -348,9 +350,11 @@ def tokens_section(enc, tok, work: Path, texts: dict, rounds: int, runs: int,
 
 def quantize_all(src: Path, dst: Path) -> Path:
     """Dynamic INT8 as the pipeline's ``quantize_dynamic`` pass does it (per channel)."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True)
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     return dst
 
 
@@ -369,7 +373,8 @@ def combined_section(enc, hf, tok, work: Path, texts: dict, pruned_models: dict,
     log("== combined, batch 8 / seq 128")
     b = tokenize(tok, texts["held_pass"][:8], 128, pad_to_max=True)
     tb = {k: torch.as_tensor(v) for k, v in b.items()}
-    cal = batches(tok, texts["cal_pass"], 8, 128)
+    # passages (~128 tokens) and short sentences: thresholds depend on the length
+    cal = batches(tok, texts["cal_pass"], 8, 128) + batches(tok, texts["cal_sent"], 32, 128)
     fid_batches = (batches(tok, texts["held_pass"], 8, 128)
                    + batches(tok, texts["held_sent"], 32, 128))
     bound = 0.99 + 0.002
@@ -514,7 +519,7 @@ def main() -> None:
         )
 
     texts = {"cal_pass": cal_pass, "held_pass": held_pass, "held_sent": held_sent,
-             "long_pass": long_passages}
+             "long_pass": long_passages, "cal_sent": sorted(cal_sent[:64], key=len)}
     if "tokens" in sections:
         _, RESULTS["token_pruning"] = tokens_section(enc, tok, work, texts, rounds, runs,
                                                      args.ltp_steps)
