@@ -205,3 +205,18 @@ def test_learned_token_prune_meets_the_bound(encoder, calibration):
     assert report["calibration_cosine"] >= 0.97
     assert report["ltp"]["steps"] == 15
     assert model.pool == "survivors"
+
+
+@pytest.mark.parametrize("pool", POOL_MODES)
+def test_batched_equals_alone(encoder, pool):
+    """Shrinking to the batch's largest kept length and masking the rest changes nothing."""
+    batches = random_batches(2, 4, 40, seed=9, min_len=4)
+    model = TokenPrunedEncoder(encoder, calibrate_thresholds(encoder, batches, 0.5), pool)
+    for batch in batches:
+        ids, mask = torch.as_tensor(batch["input_ids"]), torch.as_tensor(batch["attention_mask"])
+        with torch.no_grad():
+            _, emb, _ = model(ids, mask)
+            for i in range(ids.shape[0]):
+                n = int(mask[i].sum())
+                _, alone, _ = model(ids[i : i + 1, :n], mask[i : i + 1, :n])
+                torch.testing.assert_close(alone[0], emb[i], atol=1e-5, rtol=1e-4)
