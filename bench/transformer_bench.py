@@ -525,7 +525,7 @@ def main() -> None:
                                                      args.ltp_steps)
 
     if "packing" in sections:
-        seeds = [1, 2] if args.quick else [1, 2, 3]
+        seeds = [1, 2] if args.quick else [1, 2, 3, 4, 5]
         RESULTS["padding_removal"] = packing_section(tok, enc, hf, work, rounds, runs, seeds,
                                                      args.threads)
 
