@@ -402,6 +402,10 @@ def combined_section(enc, hf, tok, work: Path, texts: dict, pruned_models: dict,
         fused, fused_ops[name] = fuse(fp32, work / f"c_{name}.fused.onnx")
         paths[f"{name} +fusion"] = fused
         paths[f"{name} +fusion+int8"] = quantize_all(fused, work / f"c_{name}.fused.int8.onnx")
+    # the HF graph itself fused by ORT (Attention fuses there, not in the SlimEncoder export)
+    hf_fused = export_hf_fused(hf, work)
+    paths["hf original +fusion"] = hf_fused
+    paths["hf original +fusion+int8"] = quantize_all(hf_fused, work / "c_hf.fused.int8.onnx")
     with torch.no_grad():
         ref = mean_pool(hf(**tb).last_hidden_state, tb["attention_mask"]).numpy()
         fid_refs = [mean_pool(enc(torch.as_tensor(x["input_ids"]),
