@@ -159,11 +159,25 @@ def _expand(node: onnx.NodeProto, index: int, width: int) -> list[onnx.NodeProto
 def expand_varlen_attention(model: onnx.ModelProto) -> int:
     """Replace every ``slimserve.VarlenAttention`` node of ``model`` in place; returns how many."""
     graph = model.graph
-    sizes = {i.name: i.dims for i in graph.initializer}
+    # the bias [3D] is an initializer, a Constant, or an Identity of one (the exporter
+    # deduplicates equal initializers, e.g. the all-zero biases of a fresh model)
+    sizes = {i.name: list(i.dims) for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output:
+            for attribute in node.attribute:
+                if attribute.name == "value":
+                    sizes[node.output[0]] = list(attribute.t.dims)
+        elif node.op_type == "Identity" and node.input[0] in sizes:
+            sizes[node.output[0]] = sizes[node.input[0]]
     nodes, count = [], 0
     for node in graph.node:
         if node.domain == DOMAIN and node.op_type == OP:
-            nodes += _expand(node, count, int(sizes[node.input[1]][0]) // 3)
+            bias = sizes.get(node.input[1])
+            if not bias:
+                raise ValueError(
+                    f"{OP} node {node.name!r}: its bias {node.input[1]!r} is not a constant"
+                )
+            nodes += _expand(node, count, int(bias[0]) // 3)
             count += 1
         else:
             nodes.append(node)

@@ -38,6 +38,22 @@ def test_packed_onnx_equals_each_sequence_alone(encoder, tmp_path):
         np.testing.assert_allclose(out["embedding"][i], want.mean(0), atol=5e-5)
 
 
+def test_packed_export_with_equal_biases_across_layers(tmp_path):
+    """A fresh checkpoint's biases are all zero: the exporter deduplicates them into an
+    Identity of one initializer, which the attention expansion must follow."""
+    encoder = tiny_encoder(seed=5)
+    with torch.no_grad():
+        for name, parameter in encoder.named_parameters():
+            if name.endswith("bias") and ".ln" not in name:
+                parameter.zero_()
+    session = ort_session(export_onnx(PackedEncoder(encoder), tmp_path / "packed.onnx"))
+    batch = random_batches(1, 3, 12, seed=1, min_len=2)[0]
+    hidden = run_session(session, batch)["last_hidden_state"]
+    for i, length in enumerate(batch["attention_mask"].sum(1)):
+        want = _alone(encoder, batch["input_ids"][i], int(length))
+        np.testing.assert_allclose(hidden[i, :length], want, atol=5e-5)
+
+
 def test_packed_graph_runs_dense_layers_on_real_tokens_only(encoder, tmp_path):
     import onnx
 
