@@ -93,8 +93,13 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def quantize(src: Path, dst: Path) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
-                     op_types_to_quantize=["MatMul", "Gemm"])
+    quantize_dynamic(
+        str(src),
+        str(dst),
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        op_types_to_quantize=["MatMul", "Gemm"],
+    )
     return dst
 
 
@@ -120,11 +125,16 @@ def prune_section(enc, cal_batches: list, held_batches: list, budgets: list[floa
         pruned, rep = structured_prune(enc, cal_batches, PruneConfig(flops_keep=keep), stats=stats)
         models[keep] = pruned
         row = {
-            "flops_keep": keep, "flops_ratio": rep["flops_ratio"],
-            "params_before": rep["params_before"], "params_after": rep["params_after"],
-            "heads_per_layer": rep["heads_per_layer"], "ffn_per_layer": rep["ffn_per_layer"],
-            "fisher_s": fisher_s, "tune_s": rep.get("tune_s"),
-            "seconds_wall": fisher_s + rep["total_s"], "seconds_cpu": fisher_cpu + rep["cpu_s"],
+            "flops_keep": keep,
+            "flops_ratio": rep["flops_ratio"],
+            "params_before": rep["params_before"],
+            "params_after": rep["params_after"],
+            "heads_per_layer": rep["heads_per_layer"],
+            "ffn_per_layer": rep["ffn_per_layer"],
+            "fisher_s": fisher_s,
+            "tune_s": rep.get("tune_s"),
+            "seconds_wall": fisher_s + rep["total_s"],
+            "seconds_cpu": fisher_cpu + rep["cpu_s"],
             "load_avg": os.getloadavg(),
             "fisher_loss_search": rep.get("fisher_loss_search"),
             "fisher_loss_rearranged": rep.get("fisher_loss_rearranged"),
@@ -136,8 +146,10 @@ def prune_section(enc, cal_batches: list, held_batches: list, budgets: list[floa
         }
         rows.append(row)
         log(json.dumps(row))
-    return models, {"calibration_examples": sum(len(b["input_ids"]) for b in cal_batches),
-                    "rows": rows}
+    return models, {
+        "calibration_examples": sum(len(b["input_ids"]) for b in cal_batches),
+        "rows": rows,
+    }
 
 
 def packing_draw(tok, words: list[str], seed: int, batch: int = 32) -> dict:
@@ -147,9 +159,9 @@ def packing_draw(tok, words: list[str], seed: int, batch: int = 32) -> dict:
     mask = np.zeros((batch, 128), np.int64)
     for i, n in enumerate(prng.integers(8, 129, size=batch)):
         start = int(prng.integers(0, len(words) - 200))
-        t = tok(" ".join(words[start:start + 200]), truncation=True, max_length=int(n))
-        ids[i, :len(t["input_ids"])] = t["input_ids"]
-        mask[i, :len(t["input_ids"])] = 1
+        t = tok(" ".join(words[start : start + 200]), truncation=True, max_length=int(n))
+        ids[i, : len(t["input_ids"])] = t["input_ids"]
+        mask[i, : len(t["input_ids"])] = 1
     width = int(mask.sum(1).max())
     return {"input_ids": ids[:, :width], "attention_mask": mask[:, :width]}
 
@@ -174,18 +186,27 @@ def export_hf_fused(hf, work: Path) -> Path:
     axes = {k: {0: "batch", 1: "sequence"} for k in ("input_ids", "attention_mask", "hidden")}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(Wrapped().eval(), (ids, torch.ones_like(ids)), str(raw), dynamo=False,
-                          input_names=["input_ids", "attention_mask"], output_names=["hidden"],
-                          dynamic_axes=axes, opset_version=17)
-    model = bert_fusion(raw, {"num_heads": hf.config.num_attention_heads,
-                              "hidden_size": hf.config.hidden_size})
+        torch.onnx.export(
+            Wrapped().eval(),
+            (ids, torch.ones_like(ids)),
+            str(raw),
+            dynamo=False,
+            input_names=["input_ids", "attention_mask"],
+            output_names=["hidden"],
+            dynamic_axes=axes,
+            opset_version=17,
+        )
+    model = bert_fusion(
+        raw, {"num_heads": hf.config.num_attention_heads, "hidden_size": hf.config.hidden_size}
+    )
     fused = work / "hf_padded_fused.onnx"
     model.save_model_to_file(str(fused))
     return fused
 
 
-def packing_section(tok, enc, hf, work: Path, rounds: int, runs: int, seeds: list[int],
-                    threads: int = 2) -> dict:
+def packing_section(
+    tok, enc, hf, work: Path, rounds: int, runs: int, seeds: list[int], threads: int = 2
+) -> dict:
     """Padding removal on batch-32 draws of lengths U[8, 128]: the best padded graph (fused
     Attention) vs the packed graph, side by side; exactness of every real token and of the
     mean-pooled embedding against each sequence run alone; ceilings per draw."""
@@ -198,11 +219,13 @@ def packing_section(tok, enc, hf, work: Path, rounds: int, runs: int, seeds: lis
         batch = packing_draw(tok, words, seed)
         lengths = batch["attention_mask"].sum(1)
         slots = int(lengths.size * lengths.max())
-        fns = {"padded_fused": lambda b=batch: padded.run(None, b),
-               "packed": lambda b=batch: packed.run(None, b)}
+        fns = {
+            "padded_fused": lambda b=batch: padded.run(None, b),
+            "packed": lambda b=batch: packed.run(None, b),
+        }
         if seed == seeds[0]:
             buckets = [
-                {k: v[bk, :int(lengths[bk].max())] for k, v in batch.items()}
+                {k: v[bk, : int(lengths[bk].max())] for k, v in batch.items()}
                 for bk in bucket_by_length(lengths.tolist(), 8)
             ]
             fns["bucketed_padded_fused"] = lambda bs=buckets: [padded.run(None, b) for b in bs]
@@ -212,28 +235,35 @@ def packing_section(tok, enc, hf, work: Path, rounds: int, runs: int, seeds: lis
         hidden, emb = packed.run(None, batch)
         worst_tok = worst_emb = 0.0
         for i, n in enumerate(lengths):
-            alone = padded.run(None, {k: v[i:i + 1, :n] for k, v in batch.items()})[0][0]
+            alone = padded.run(None, {k: v[i : i + 1, :n] for k, v in batch.items()})[0][0]
             worst_tok = max(worst_tok, float(np.abs(hidden[i, :n] - alone).max()))
             worst_emb = max(worst_emb, float(np.abs(emb[i] - alone.mean(0)).max()))
         row = {
-            "seed": seed, "real_tokens": int(lengths.sum()), "padded_slots": slots,
+            "seed": seed,
+            "real_tokens": int(lengths.sum()),
+            "padded_slots": slots,
             "dense_ceiling": slots / float(lengths.sum()),
             "attention_ceiling": slots * float(lengths.max()) / float((lengths**2).sum()),
-            "ms": ms, "speedup_packed": ms["padded_fused"] / ms["packed"],
-            "max_abs_diff_tokens_vs_alone": worst_tok, "max_abs_diff_embedding_vs_alone": worst_emb,
-            "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
+            "ms": ms,
+            "speedup_packed": ms["padded_fused"] / ms["packed"],
+            "max_abs_diff_tokens_vs_alone": worst_tok,
+            "max_abs_diff_embedding_vs_alone": worst_emb,
+            "load_avg_before": load_before,
+            "load_avg_after": os.getloadavg(),
         }
         for k in ("bucketed_padded_fused", "bucketed_packed"):
             if k in ms:
                 row[f"speedup_{k}"] = ms["padded_fused"] / ms[k]
         draws.append(row)
         log(json.dumps(row))
-    return {"lengths": "uniform 8-128, batch 32", "threads": "ORT CPU, intra-op threads "
-            "as --threads, ORT_ENABLE_ALL on both sides",
-            "baseline": "HF export + ORT transformer optimizer (fused Attention, SkipLayerNorm, "
-            "BiasGelu, EmbedLayerNorm), padded to the longest sequence",
-            "median_speedup_packed": statistics.median(d["speedup_packed"] for d in draws),
-            "draws": draws}
+    return {
+        "lengths": "uniform 8-128, batch 32",
+        "threads": "ORT CPU, intra-op threads as --threads, ORT_ENABLE_ALL on both sides",
+        "baseline": "HF export + ORT transformer optimizer (fused Attention, SkipLayerNorm, "
+        "BiasGelu, EmbedLayerNorm), padded to the longest sequence",
+        "median_speedup_packed": statistics.median(d["speedup_packed"] for d in draws),
+        "draws": draws,
+    }
 
 
 def layer_flops(encoder, tokens: list[float]) -> float:
@@ -261,37 +291,52 @@ def pooled_cosines(reference, model, batch_list: list) -> np.ndarray:
 
 def token_row(enc, model, rep: dict, held: dict[str, list]) -> dict:
     """Tokens per layer, FLOPs ratio and held-out fidelity of a token-pruned model."""
-    row = {"method": rep["method"], "pool": rep["pool"], "thresholds": model.thresholds,
-           "calibration_cosine": rep["calibration_cosine"]}
+    row = {
+        "method": rep["method"],
+        "pool": rep["pool"],
+        "thresholds": model.thresholds,
+        "calibration_cosine": rep["calibration_cosine"],
+    }
     for name, bl in held.items():
         kept = kept_tokens(model, bl)
         c = pooled_cosines(enc, model, bl)
-        row[name] = {"avg_tokens_per_layer": kept,
-                     "flops_ratio": layer_flops(enc, kept)
-                     / layer_flops(enc, [kept[0]] * len(kept)),
-                     "cosine_mean": float(c.mean()), "cosine_min": float(c.min())}
+        row[name] = {
+            "avg_tokens_per_layer": kept,
+            "flops_ratio": layer_flops(enc, kept) / layer_flops(enc, [kept[0]] * len(kept)),
+            "cosine_mean": float(c.mean()),
+            "cosine_min": float(c.min()),
+        }
     return row
 
 
-def tokens_section(enc, tok, work: Path, texts: dict, rounds: int, runs: int,
-                   ltp_steps: int) -> tuple[TokenPrunedEncoder, dict]:
+def tokens_section(
+    enc, tok, work: Path, texts: dict, rounds: int, runs: int, ltp_steps: int
+) -> tuple[TokenPrunedEncoder, dict]:
     """Token pruning: pool modes, calibrated vs learned thresholds, speed at 128/256, and how
     much of the speed comes from padding (short sentences padded to 128) vs real tokens."""
     log("== token pruning")
     # passages (~128 tokens) and short sentences: thresholds depend on the length
     cal = batches(tok, texts["cal_pass"], 8, 128) + batches(tok, texts["cal_sent"], 32, 128)
-    held = {"held_passages": batches(tok, texts["held_pass"], 8, 128),
-            "held_sentences": batches(tok, texts["held_sent"], 32, 128)}
+    held = {
+        "held_passages": batches(tok, texts["held_pass"], 8, 128),
+        "held_sentences": batches(tok, texts["held_sent"], 32, 128),
+    }
     bound = 0.99 + 0.002  # the pass's default target plus margin
-    result: dict = {"bound_on_calibration": bound, "calibration_passages": len(texts["cal_pass"]),
-                    "calibration_sentences": len(texts["cal_sent"])}
+    result: dict = {
+        "bound_on_calibration": bound,
+        "calibration_passages": len(texts["cal_pass"]),
+        "calibration_sentences": len(texts["cal_sent"]),
+    }
     # 1. how dropped tokens enter the mean pool, at fixed calibrated schedules
     modes = []
     for final_keep in (0.9, 0.75):
         thr = calibrate_thresholds(enc, cal, final_keep)
-        row = {"final_keep": final_keep,
-               "avg_tokens_per_layer": kept_tokens(TokenPrunedEncoder(enc, thr),
-                                                   held["held_passages"])}
+        row = {
+            "final_keep": final_keep,
+            "avg_tokens_per_layer": kept_tokens(
+                TokenPrunedEncoder(enc, thr), held["held_passages"]
+            ),
+        }
         for pool in POOL_MODES:
             c = pooled_cosines(enc, TokenPrunedEncoder(enc, thr, pool), held["held_passages"])
             row[pool] = {"cosine_mean": float(c.mean()), "cosine_min": float(c.min())}
@@ -302,13 +347,23 @@ def tokens_section(enc, tok, work: Path, texts: dict, rounds: int, runs: int,
     rows, models = [], {}
     for method in ("calibrated", "learned"):
         t0 = time.perf_counter()
-        cfg = TokenPruneConfig(min_cosine=bound, steps=5, method=method,
-                               ltp=LTPConfig(steps=ltp_steps))
+        cfg = TokenPruneConfig(
+            min_cosine=bound, steps=5, method=method, ltp=LTPConfig(steps=ltp_steps)
+        )
         model, rep = token_prune(enc, cal, cfg)
         row = {**token_row(enc, model, rep, held), "seconds_wall": time.perf_counter() - t0}
         if method == "learned":
-            row["ltp"] = {k: rep["ltp"][k] for k in ("steps", "seconds_wall", "seconds_cpu",
-                                                     "keep_weight", "temperature", "history")}
+            row["ltp"] = {
+                k: rep["ltp"][k]
+                for k in (
+                    "steps",
+                    "seconds_wall",
+                    "seconds_cpu",
+                    "keep_weight",
+                    "temperature",
+                    "history",
+                )
+            }
         row["tried"] = rep["tried"]
         rows.append(row)
         models[method] = model
@@ -319,25 +374,35 @@ def tokens_section(enc, tok, work: Path, texts: dict, rounds: int, runs: int,
     # padded to 128 (padding leaves after layer 1 in the pruned graph whatever the thresholds)
     speeds = {}
     pad_only = [0.0] + [None] * (len(enc.layers) - 1)  # drops padding, keeps all real tokens
-    cases = (("seq128_passages", texts["held_pass"], 128),
-             ("seq256_passages", texts["long_pass"], 256),
-             ("seq128_sentences_padded", texts["held_sent"], 128))
+    cases = (
+        ("seq128_passages", texts["held_pass"], 128),
+        ("seq256_passages", texts["long_pass"], 256),
+        ("seq128_sentences_padded", texts["held_sent"], 128),
+    )
     for name, case_texts, seq in cases:
         b = tokenize(tok, case_texts[:8], seq, pad_to_max=True)
         sessions = {
             "original": ort_session(export_onnx(PooledEncoder(enc), work / f"tb_{name}.onnx")),
-            "padding_only": ort_session(export_onnx(
-                TokenPrunedEncoder(enc, pad_only), work / f"tpad_{name}.onnx")),
-            "token_pruned": ort_session(export_onnx(
-                TokenPrunedEncoder(enc, best.thresholds, best.pool), work / f"tp_{name}.onnx")),
+            "padding_only": ort_session(
+                export_onnx(TokenPrunedEncoder(enc, pad_only), work / f"tpad_{name}.onnx")
+            ),
+            "token_pruned": ort_session(
+                export_onnx(
+                    TokenPrunedEncoder(enc, best.thresholds, best.pool), work / f"tp_{name}.onnx"
+                )
+            ),
         }
-        ms = timed({k: (lambda s=s, b=b: s.run(None, feeds(s, b))) for k, s in sessions.items()},
-                   rounds, runs)
+        ms = timed(
+            {k: (lambda s=s, b=b: s.run(None, feeds(s, b))) for k, s in sessions.items()},
+            rounds,
+            runs,
+        )
         lens = sessions["token_pruned"].run(["seq_lens"], feeds(sessions["token_pruned"], b))[0]
         speeds[name] = {
             "real_tokens": int(b["attention_mask"].sum()),
             "padded_tokens": int(b["attention_mask"].size),
-            "seq_lens_in_graph": lens.tolist(), "ms": ms,
+            "seq_lens_in_graph": lens.tolist(),
+            "ms": ms,
             "speedup_total": ms["original"] / ms["token_pruned"],
             "speedup_from_padding": ms["original"] / ms["padding_only"],
             "speedup_from_real_tokens": ms["padding_only"] / ms["token_pruned"],
@@ -353,8 +418,13 @@ def quantize_all(src: Path, dst: Path) -> Path:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
-                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    quantize_dynamic(
+        str(src),
+        str(dst),
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+    )
     return dst
 
 
@@ -367,16 +437,27 @@ def fuse(src: Path, dst: Path) -> tuple[Path, dict]:
     return dst, fused_statistics(model)
 
 
-def combined_section(enc, hf, tok, work: Path, texts: dict, pruned_models: dict, rounds: int,
-                     runs: int, ltp_steps: int, out: Path) -> dict:
+def combined_section(
+    enc,
+    hf,
+    tok,
+    work: Path,
+    texts: dict,
+    pruned_models: dict,
+    rounds: int,
+    runs: int,
+    ltp_steps: int,
+    out: Path,
+) -> dict:
     """PyTorch eager FP32 vs every candidate at batch 8 / seq 128, at 2 and 1 threads."""
     log("== combined, batch 8 / seq 128")
     b = tokenize(tok, texts["held_pass"][:8], 128, pad_to_max=True)
     tb = {k: torch.as_tensor(v) for k, v in b.items()}
     # passages (~128 tokens) and short sentences: thresholds depend on the length
     cal = batches(tok, texts["cal_pass"], 8, 128) + batches(tok, texts["cal_sent"], 32, 128)
-    fid_batches = (batches(tok, texts["held_pass"], 8, 128)
-                   + batches(tok, texts["held_sent"], 32, 128))
+    fid_batches = batches(tok, texts["held_pass"], 8, 128) + batches(
+        tok, texts["held_sent"], 32, 128
+    )
     bound = 0.99 + 0.002
     modules: dict = {"original": PooledEncoder(enc)}
     notes: dict = {}
@@ -384,12 +465,18 @@ def combined_section(enc, hf, tok, work: Path, texts: dict, pruned_models: dict,
     for label, base in bases.items():
         if label:
             modules[label] = PooledEncoder(base)
-        model, rep = token_prune(base, cal, TokenPruneConfig(
-            min_cosine=bound, method="learned", ltp=LTPConfig(steps=ltp_steps)), reference=enc)
+        model, rep = token_prune(
+            base,
+            cal,
+            TokenPruneConfig(min_cosine=bound, method="learned", ltp=LTPConfig(steps=ltp_steps)),
+            reference=enc,
+        )
         name = f"{label}+tokens" if label else "tokens"
-        notes[name] = {"thresholds": model.thresholds,
-                       "calibration_cosine": rep["calibration_cosine"],
-                       "avg_tokens_per_layer": rep["avg_tokens_per_layer"]}
+        notes[name] = {
+            "thresholds": model.thresholds,
+            "calibration_cosine": rep["calibration_cosine"],
+            "avg_tokens_per_layer": rep["avg_tokens_per_layer"],
+        }
         if any(t is not None for t in model.thresholds):
             modules[name] = model
         log(name, json.dumps(notes[name]))
@@ -408,17 +495,24 @@ def combined_section(enc, hf, tok, work: Path, texts: dict, pruned_models: dict,
     paths["hf original +fusion+int8"] = quantize_all(hf_fused, work / "c_hf.fused.int8.onnx")
     with torch.no_grad():
         ref = mean_pool(hf(**tb).last_hidden_state, tb["attention_mask"]).numpy()
-        fid_refs = [mean_pool(enc(torch.as_tensor(x["input_ids"]),
-                                  torch.as_tensor(x["attention_mask"])),
-                              torch.as_tensor(x["attention_mask"])).numpy() for x in fid_batches]
+        fid_refs = [
+            mean_pool(
+                enc(torch.as_tensor(x["input_ids"]), torch.as_tensor(x["attention_mask"])),
+                torch.as_tensor(x["attention_mask"]),
+            ).numpy()
+            for x in fid_batches
+        ]
     fidelity = {}
     for name, path in paths.items():
         s = ort_session(path)
-        held = np.concatenate([cosine(r, pooled_ort(s, x))
-                               for r, x in zip(fid_refs, fid_batches, strict=True)])
-        fidelity[name] = {"cosine_bench_batch": float(cosine(ref, pooled_ort(s, b)).mean()),
-                          "cosine_held_out_mean": float(held.mean()),
-                          "cosine_held_out_min": float(held.min())}
+        held = np.concatenate(
+            [cosine(r, pooled_ort(s, x)) for r, x in zip(fid_refs, fid_batches, strict=True)]
+        )
+        fidelity[name] = {
+            "cosine_bench_batch": float(cosine(ref, pooled_ort(s, b)).mean()),
+            "cosine_held_out_mean": float(held.mean()),
+            "cosine_held_out_min": float(held.min()),
+        }
     result: dict = {"token_pruning": notes, "fused_operators": fused_ops, "threads": {}}
     for threads in (2, 1):
         torch.set_num_threads(threads)
@@ -432,17 +526,28 @@ def combined_section(enc, hf, tok, work: Path, texts: dict, pruned_models: dict,
         fns.update({k: (lambda s=s: s.run(None, feeds(s, b))) for k, s in sessions.items()})
         load0 = os.getloadavg()
         ms = timed(fns, rounds, runs)
-        rows = [{"candidate": k, "ms": ms[k],
-                 "speedup_vs_eager": ms["pytorch eager fp32"] / ms[k], **fidelity[k]}
-                for k in paths]
+        rows = [
+            {
+                "candidate": k,
+                "ms": ms[k],
+                "speedup_vs_eager": ms["pytorch eager fp32"] / ms[k],
+                **fidelity[k],
+            }
+            for k in paths
+        ]
         rows.sort(key=lambda r: r["ms"])
-        result["threads"][threads] = {"eager_ms": ms["pytorch eager fp32"], "rows": rows,
-                                      "load_avg": [load0, os.getloadavg()]}
+        result["threads"][threads] = {
+            "eager_ms": ms["pytorch eager fp32"],
+            "rows": rows,
+            "load_avg": [load0, os.getloadavg()],
+        }
         log(f"-- {threads} thread(s), eager {ms['pytorch eager fp32']:.1f} ms")
         for r in rows:
-            log(f"{r['candidate']:<32} {r['ms']:8.1f} ms  {r['speedup_vs_eager']:5.2f}x  "
+            log(
+                f"{r['candidate']:<32} {r['ms']:8.1f} ms  {r['speedup_vs_eager']:5.2f}x  "
                 f"cos bench {r['cosine_bench_batch']:.4f}  held {r['cosine_held_out_mean']:.4f}"
-                f" (min {r['cosine_held_out_min']:.4f})")
+                f" (min {r['cosine_held_out_min']:.4f})"
+            )
         ok = [r for r in rows if r["cosine_held_out_mean"] >= 0.99]
         result["threads"][threads]["best_at_0.99"] = ok[0] if ok else None
     plot = out.with_name(out.stem + "_combined.png")
@@ -456,8 +561,9 @@ def combined_section(enc, hf, tok, work: Path, texts: dict, pruned_models: dict,
         for ax, (threads, res) in zip(axes, result["threads"].items(), strict=True):
             for r in res["rows"]:
                 ax.scatter(r["cosine_held_out_mean"], r["speedup_vs_eager"])
-                ax.annotate(r["candidate"], (r["cosine_held_out_mean"], r["speedup_vs_eager"]),
-                            fontsize=7)
+                ax.annotate(
+                    r["candidate"], (r["cosine_held_out_mean"], r["speedup_vs_eager"]), fontsize=7
+                )
             ax.axvline(0.99, ls="--", c="gray")
             ax.axhline(4.0, ls=":", c="gray")
             ax.set_xlabel("held-out cosine (mean-pooled) vs original")
@@ -522,20 +628,28 @@ def main() -> None:
             enc, cal_batches, held_batches, budgets
         )
 
-    texts = {"cal_pass": cal_pass, "held_pass": held_pass, "held_sent": held_sent,
-             "long_pass": long_passages, "cal_sent": sorted(cal_sent[:64], key=len)}
+    texts = {
+        "cal_pass": cal_pass,
+        "held_pass": held_pass,
+        "held_sent": held_sent,
+        "long_pass": long_passages,
+        "cal_sent": sorted(cal_sent[:64], key=len),
+    }
     if "tokens" in sections:
-        _, RESULTS["token_pruning"] = tokens_section(enc, tok, work, texts, rounds, runs,
-                                                     args.ltp_steps)
+        _, RESULTS["token_pruning"] = tokens_section(
+            enc, tok, work, texts, rounds, runs, args.ltp_steps
+        )
 
     if "packing" in sections:
         seeds = [1, 2] if args.quick else [1, 2, 3, 4, 5]
-        RESULTS["padding_removal"] = packing_section(tok, enc, hf, work, rounds, runs, seeds,
-                                                     args.threads)
+        RESULTS["padding_removal"] = packing_section(
+            tok, enc, hf, work, rounds, runs, seeds, args.threads
+        )
 
     if "combined" in sections:
-        RESULTS["combined"] = combined_section(enc, hf, tok, work, texts, pruned_models, rounds,
-                                               runs, args.ltp_steps, Path(args.out))
+        RESULTS["combined"] = combined_section(
+            enc, hf, tok, work, texts, pruned_models, rounds, runs, args.ltp_steps, Path(args.out)
+        )
         torch.set_num_threads(args.threads)
 
     RESULTS["machine"]["load_avg_end"] = os.getloadavg()

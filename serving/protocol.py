@@ -384,8 +384,7 @@ def _decode_input(
             raise InvalidInput(f"input '{name}' has both 'data' and binary_data_size")
         if not has_binary:
             raise InvalidInput(
-                f"input '{name}' has binary_data_size but the request has no "
-                f"{HEADER_LENGTH} header"
+                f"input '{name}' has binary_data_size but the request has no {HEADER_LENGTH} header"
             )
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise InvalidInput(
@@ -555,8 +554,7 @@ def _check_layout(array: np.ndarray, name: str, shape: tuple[int, ...], count: i
         return  # mixed or ragged content: the type check names the problem
     if array.size != count:
         raise InvalidInput(
-            f"input '{name}': shape {list(shape)} needs {count} elements but data has "
-            f"{array.size}"
+            f"input '{name}': shape {list(shape)} needs {count} elements but data has {array.size}"
         )
 
 

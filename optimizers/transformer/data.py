@@ -49,8 +49,11 @@ def split_calibration(texts: Sequence[str], held_out: float = 0.3) -> tuple[list
 def tokenize(tokenizer: Any, texts: Sequence[str], max_len: int, pad_to_max: bool = False) -> Batch:
     """Token ids and attention mask (int64) for ``texts``."""
     enc = tokenizer(
-        list(texts), truncation=True, max_length=max_len,
-        padding="max_length" if pad_to_max else "longest", return_tensors="np",
+        list(texts),
+        truncation=True,
+        max_length=max_len,
+        padding="max_length" if pad_to_max else "longest",
+        return_tensors="np",
     )
     return {
         "input_ids": enc["input_ids"].astype(np.int64),

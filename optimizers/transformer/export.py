@@ -28,8 +28,14 @@ def output_names(module: nn.Module) -> list[str]:
     raise TypeError(f"cannot export {type(module).__name__}; wrap the encoder first")
 
 
-def export_onnx(module: nn.Module, path: Path, seq_len: int = 16, batch: int = 2,
-                input_names: list[str] | None = None, first_output: str | None = None) -> Path:
+def export_onnx(
+    module: nn.Module,
+    path: Path,
+    seq_len: int = 16,
+    batch: int = 2,
+    input_names: list[str] | None = None,
+    first_output: str | None = None,
+) -> Path:
     """Export ``module`` with dynamic batch and sequence axes; returns ``path``.
 
     ``input_names`` may add ``token_type_ids`` to the default two inputs; ``first_output``
@@ -44,7 +50,7 @@ def export_onnx(module: nn.Module, path: Path, seq_len: int = 16, batch: int = 2
     inputs = [n for n in (input_names or INPUT_NAMES) if n in (*INPUT_NAMES, "token_type_ids")]
     ids = torch.ones(batch, seq_len, dtype=torch.long)
     mask = torch.ones(batch, seq_len, dtype=torch.long)
-    mask[-1, seq_len // 2:] = 0
+    mask[-1, seq_len // 2 :] = 0
     args = [ids, mask] + ([torch.zeros_like(ids)] if "token_type_ids" in inputs else [])
     inputs = ["input_ids", "attention_mask"] + (["token_type_ids"] if len(args) == 3 else [])
     axes = {name: {0: "batch", 1: "sequence"} for name in inputs}
@@ -56,8 +62,14 @@ def export_onnx(module: nn.Module, path: Path, seq_len: int = 16, batch: int = 2
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            module, tuple(args), str(path), dynamo=False, input_names=inputs,
-            output_names=names, dynamic_axes=axes, opset_version=OPSET,
+            module,
+            tuple(args),
+            str(path),
+            dynamo=False,
+            input_names=inputs,
+            output_names=names,
+            dynamic_axes=axes,
+            opset_version=OPSET,
             do_constant_folding=True,
         )
     _expand_placeholders(path)

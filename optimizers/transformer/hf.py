@@ -56,8 +56,15 @@ def _spec(config: Any) -> EncoderSpec:
             raise ValueError(f"unsupported position_embedding_type {pet!r} (need 'absolute')")
         offset = config.pad_token_id + 1 if mt != "bert" else 0
     return EncoderSpec(
-        model_type=mt, hidden=hidden, heads=heads, head_dim=hidden // heads, ffn=ffn,
-        layers=layers, eps=eps, act=act, pad_token_id=config.pad_token_id or 0,
+        model_type=mt,
+        hidden=hidden,
+        heads=heads,
+        head_dim=hidden // heads,
+        ffn=ffn,
+        layers=layers,
+        eps=eps,
+        act=act,
+        pad_token_id=config.pad_token_id or 0,
         position_offset=offset,
     )
 
@@ -86,14 +93,25 @@ def from_hf(model: nn.Module) -> SlimEncoder:
         layer = SlimLayer(spec.hidden, spec.heads, spec.head_dim, spec.ffn, spec.eps, spec.act)
         if spec.model_type == "distilbert":
             a = src.attention
-            pairs = [(layer.q, a.q_lin), (layer.k, a.k_lin), (layer.v, a.v_lin),
-                     (layer.o, a.out_lin), (layer.fi, src.ffn.lin1), (layer.fo, src.ffn.lin2)]
+            pairs = [
+                (layer.q, a.q_lin),
+                (layer.k, a.k_lin),
+                (layer.v, a.v_lin),
+                (layer.o, a.out_lin),
+                (layer.fi, src.ffn.lin1),
+                (layer.fo, src.ffn.lin2),
+            ]
             lns = [(layer.ln1, src.sa_layer_norm), (layer.ln2, src.output_layer_norm)]
         else:
             a = src.attention
-            pairs = [(layer.q, a.self.query), (layer.k, a.self.key), (layer.v, a.self.value),
-                     (layer.o, a.output.dense), (layer.fi, src.intermediate.dense),
-                     (layer.fo, src.output.dense)]
+            pairs = [
+                (layer.q, a.self.query),
+                (layer.k, a.self.key),
+                (layer.v, a.self.value),
+                (layer.o, a.output.dense),
+                (layer.fi, src.intermediate.dense),
+                (layer.fo, src.output.dense),
+            ]
             lns = [(layer.ln1, a.output.LayerNorm), (layer.ln2, src.output.LayerNorm)]
         for dst, s in pairs:
             _copy_linear(dst, s)
@@ -103,15 +121,25 @@ def from_hf(model: nn.Module) -> SlimEncoder:
     return SlimEncoder(spec, emb, layers).eval()
 
 
-def tiny_bert(seed: int = 0, layers: int = 2, hidden: int = 64, heads: int = 4, ffn: int = 128,
-              vocab: int = 200) -> nn.Module:
+def tiny_bert(
+    seed: int = 0,
+    layers: int = 2,
+    hidden: int = 64,
+    heads: int = 4,
+    ffn: int = 128,
+    vocab: int = 200,
+) -> nn.Module:
     """A small random-init ``BertModel`` (for tests and examples)."""
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, intermediate_size=ffn, max_position_embeddings=512,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=ffn,
+        max_position_embeddings=512,
         attn_implementation="eager",
     )
     return BertModel(config, add_pooling_layer=False).eval()

@@ -124,12 +124,16 @@ def test_failures_are_counted_by_reason():
     metrics.request_failed("fake", "1", reason="invalid_input", request_ns=1_000)
     text, samples = scrape(metrics)
     assert "# TYPE nv_inference_request_failure counter" in text
-    assert line_value(
-        text, 'nv_inference_request_failure{model="fake",reason="engine",version="1"}'
-    ) == 3
-    assert line_value(
-        text, 'nv_inference_request_failure{model="fake",reason="invalid_input",version="1"}'
-    ) == 1
+    assert (
+        line_value(text, 'nv_inference_request_failure{model="fake",reason="engine",version="1"}')
+        == 3
+    )
+    assert (
+        line_value(
+            text, 'nv_inference_request_failure{model="fake",reason="invalid_input",version="1"}'
+        )
+        == 1
+    )
     assert line_value(text, 'nv_inference_request_success{model="fake",version="1"}') == 0
     assert line_value(text, 'nv_inference_request_duration_us{model="fake",version="1"}') == 0
     histogram = ("slimserve_request_duration_seconds_count", (("model", "fake"), ("version", "1")))
@@ -181,9 +185,7 @@ def test_registries_are_independent_and_include_process_metrics():
     first = ServerMetrics(registry)
     second = ServerMetrics()
     assert first.registry is registry
-    first.request_succeeded(
-        "m", "1", request_ns=1, timings=RequestTimings(0, 0, 0, 0, 1), rows=1
-    )
+    first.request_succeeded("m", "1", request_ns=1, timings=RequestTimings(0, 0, 0, 0, 1), rows=1)
     first_text, _ = scrape(first)
     second_text, _ = scrape(second)
     assert "nv_inference_request_success{" in first_text

@@ -480,9 +480,7 @@ def test_huge_shapes_are_refused_before_allocating():
 
 
 def test_limits_are_enforced():
-    small = ProtocolLimits(
-        max_body_bytes=2000, max_elements=10, max_inputs=2, max_string_bytes=3
-    )
+    small = ProtocolLimits(max_body_bytes=2000, max_elements=10, max_inputs=2, max_string_bytes=3)
     with pytest.raises(PayloadTooLarge, match="body of 2001 bytes"):
         decode(b" " * 2001, limits=small)
     many = {"inputs": [tensor(name=f"x{i}") for i in range(3)]}
@@ -675,8 +673,9 @@ def test_models_without_batching_match_the_full_shape():
 
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=5),
-    lambda inner: st.lists(inner, max_size=6)
-    | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=6,
 )
 TENSORS = st.fixed_dictionaries(

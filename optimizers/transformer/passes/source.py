@@ -17,9 +17,11 @@ def checkpoint_folder(meta: dict[str, Any]) -> Path | None:
     """The Hugging Face checkpoint folder recorded in ``meta`` (config + safetensors), if any."""
     for key in FOLDER_KEYS:
         value = meta.get(key)
-        if value and (Path(value) / "config.json").is_file() and (
-            Path(value) / "model.safetensors"
-        ).is_file():
+        if (
+            value
+            and (Path(value) / "config.json").is_file()
+            and (Path(value) / "model.safetensors").is_file()
+        ):
             return Path(value)
     return None
 
@@ -65,7 +67,8 @@ def original_encoder(artifact: Artifact) -> SlimEncoder:
 def calibration_batches(ctx: PassContext, name: str) -> list[dict]:
     """Calibration batches with token ids and an attention mask."""
     batches = [
-        b for b in (ctx.calibration.get("inputs") or [])
+        b
+        for b in (ctx.calibration.get("inputs") or [])
         if "input_ids" in b and "attention_mask" in b
     ]
     if not batches:

@@ -38,11 +38,16 @@ class _TransformerPass(Pass):
     def _export(self, module, artifact: Artifact, ctx: PassContext, slim, **meta) -> Artifact:
         path = ctx.scratch(self.name) / "model.onnx"
         export_onnx(
-            module, path, input_names=list(artifact.meta.get("input_names") or []),
+            module,
+            path,
+            input_names=list(artifact.meta.get("input_names") or []),
             first_output=output_name(artifact),
         )
         return Artifact(
-            "onnx", artifact.family, onnx_path=path, torch_model=slim,
+            "onnx",
+            artifact.family,
+            onnx_path=path,
+            torch_model=slim,
             meta={**artifact.meta, **meta},
         )
 
@@ -66,18 +71,23 @@ class StructPrune(_TransformerPass):
     def call(self, artifact: Artifact, ctx: PassContext) -> PassResult:
         encoder = source_encoder(artifact)
         cfg = PruneConfig(
-            flops_keep=self.config.flops_keep, seq_len=ctx.seq_len,
-            rearrange=self.config.rearrange, tune=self.config.tune,
+            flops_keep=self.config.flops_keep,
+            seq_len=ctx.seq_len,
+            rearrange=self.config.rearrange,
+            tune=self.config.tune,
             max_batches=self.config.max_batches,
         )
         pruned, report = structured_prune(
-            encoder, calibration_batches(ctx, self.name), cfg,
+            encoder,
+            calibration_batches(ctx, self.name),
+            cfg,
             # messages only: the search owns the job's overall fraction
             progress=lambda message, _fraction: ctx.report_progress(message, None),
             check=ctx.check_cancelled,
         )
-        new = self._export(HiddenStateOnly(PooledEncoder(pruned)), artifact, ctx, pruned,
-                           struct_pruned=True)
+        new = self._export(
+            HiddenStateOnly(PooledEncoder(pruned)), artifact, ctx, pruned, struct_pruned=True
+        )
         return PassResult(new, True, report)
 
 
@@ -102,9 +112,14 @@ class TokenPrune(_TransformerPass):
         keep_weight: float = 0.02
 
         def __post_init__(self) -> None:
-            TokenPruneConfig(final_keep=self.final_keep, min_cosine=self.target_cosine,
-                             start_layer=self.start_layer, method=self.method, pool=self.pool,
-                             ltp=LTPConfig(steps=self.ltp_steps, keep_weight=self.keep_weight))
+            TokenPruneConfig(
+                final_keep=self.final_keep,
+                min_cosine=self.target_cosine,
+                start_layer=self.start_layer,
+                method=self.method,
+                pool=self.pool,
+                ltp=LTPConfig(steps=self.ltp_steps, keep_weight=self.keep_weight),
+            )
 
     def call(self, artifact: Artifact, ctx: PassContext) -> PassResult:
         encoder = source_encoder(artifact)
@@ -112,12 +127,19 @@ class TokenPrune(_TransformerPass):
         cfg = TokenPruneConfig(
             final_keep=self.config.final_keep,
             min_cosine=min(1.0, self.config.target_cosine + self.config.margin),
-            start_layer=self.config.start_layer, steps=self.config.steps,
-            method=self.config.method, pool=self.config.pool,
+            start_layer=self.config.start_layer,
+            steps=self.config.steps,
+            method=self.config.method,
+            pool=self.config.pool,
             ltp=LTPConfig(steps=self.config.ltp_steps, keep_weight=self.config.keep_weight),
         )
-        model, report = token_prune(encoder, calibration_batches(ctx, self.name), cfg,
-                                    check=ctx.check_cancelled, reference=reference)
+        model, report = token_prune(
+            encoder,
+            calibration_batches(ctx, self.name),
+            cfg,
+            check=ctx.check_cancelled,
+            reference=reference,
+        )
         if all(t is None for t in model.thresholds):
             return PassResult(artifact, False, {**report, "why": "no threshold met the bound"})
         new = self._export(HiddenStateOnly(model), artifact, ctx, None, token_pruned=True)
@@ -136,22 +158,34 @@ class PackPadding(_TransformerPass):
 
     def call(self, artifact: Artifact, ctx: PassContext) -> PassResult:
         encoder = source_encoder(artifact)
-        new = self._export(HiddenStateOnly(PackedEncoder(encoder)), artifact, ctx, None,
-                           packed=True)
+        new = self._export(
+            HiddenStateOnly(PackedEncoder(encoder)), artifact, ctx, None, packed=True
+        )
         report = {"technique": "padding removal (packed dense layers, per-sequence attention)"}
         return PassResult(new, True, report)
 
 
-register_chains("transformer", [
-    ["struct_prune", "ort_transformer_optimize", "quantize_dynamic"],
-    ["struct_prune", "token_prune", "ort_transformer_optimize", "quantize_dynamic"],
-    ["token_prune", "ort_transformer_optimize", "quantize_dynamic"],
-    [("struct_prune", {"flops_keep": 0.8}), "ort_transformer_optimize", "quantize_dynamic"],
-    # the combined candidates (issue 4): mild structured pruning, then token pruning; every
-    # prefix (struct alone, struct + tokens, + fusion) is measured as a candidate too
-    [("struct_prune", {"flops_keep": 0.9}), "token_prune", "ort_transformer_optimize",
-     "quantize_dynamic"],
-    [("struct_prune", {"flops_keep": 0.8}), "token_prune", "ort_transformer_optimize",
-     "quantize_dynamic"],
-    ["pack_padding", "quantize_dynamic"],
-])
+register_chains(
+    "transformer",
+    [
+        ["struct_prune", "ort_transformer_optimize", "quantize_dynamic"],
+        ["struct_prune", "token_prune", "ort_transformer_optimize", "quantize_dynamic"],
+        ["token_prune", "ort_transformer_optimize", "quantize_dynamic"],
+        [("struct_prune", {"flops_keep": 0.8}), "ort_transformer_optimize", "quantize_dynamic"],
+        # the combined candidates (issue 4): mild structured pruning, then token pruning; every
+        # prefix (struct alone, struct + tokens, + fusion) is measured as a candidate too
+        [
+            ("struct_prune", {"flops_keep": 0.9}),
+            "token_prune",
+            "ort_transformer_optimize",
+            "quantize_dynamic",
+        ],
+        [
+            ("struct_prune", {"flops_keep": 0.8}),
+            "token_prune",
+            "ort_transformer_optimize",
+            "quantize_dynamic",
+        ],
+        ["pack_padding", "quantize_dynamic"],
+    ],
+)

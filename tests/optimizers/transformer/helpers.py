@@ -12,8 +12,9 @@ def tiny_encoder(seed: int = 0, layers: int = 2) -> SlimEncoder:
     return random_encoder(layers=layers, seed=seed)
 
 
-def random_batches(n: int, batch: int, max_len: int, seed: int = 0, vocab: int = 200,
-                   min_len: int = 4) -> list[dict[str, np.ndarray]]:
+def random_batches(
+    n: int, batch: int, max_len: int, seed: int = 0, vocab: int = 200, min_len: int = 4
+) -> list[dict[str, np.ndarray]]:
     """``n`` batches of random token ids with random lengths (padded with 0, mask 0)."""
     rng = np.random.default_rng(seed)
     out = []

@@ -34,8 +34,9 @@ def _cosine(reference, model, held) -> float:
             ids, mask = torch.as_tensor(b["input_ids"]), torch.as_tensor(b["attention_mask"])
             out = model(ids, mask)
             got = out[1] if isinstance(out, tuple) else mean_pool(out, mask)
-            cs.append(torch.nn.functional.cosine_similarity(
-                mean_pool(reference(ids, mask), mask), got))
+            cs.append(
+                torch.nn.functional.cosine_similarity(mean_pool(reference(ids, mask), mask), got)
+            )
     return float(torch.cat(cs).mean())
 
 
@@ -62,9 +63,10 @@ def test_minilm_struct_and_token_pruning(minilm, tmp_path):
     session = ort_session(export_onnx(PooledEncoder(pruned), tmp_path / "pruned.onnx"))
     b = held[0]
     with torch.no_grad():
-        want = mean_pool(pruned(torch.as_tensor(b["input_ids"]),
-                                torch.as_tensor(b["attention_mask"])),
-                         torch.as_tensor(b["attention_mask"])).numpy()
+        want = mean_pool(
+            pruned(torch.as_tensor(b["input_ids"]), torch.as_tensor(b["attention_mask"])),
+            torch.as_tensor(b["attention_mask"]),
+        ).numpy()
     np.testing.assert_allclose(run_session(session, b)["embedding"], want, atol=1e-4)
 
     passages = batches(tok, doc_passages(16), 8, 128)

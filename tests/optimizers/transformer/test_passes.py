@@ -13,8 +13,13 @@ from optimizers.transformer.export import export_onnx, onnx_initializer_shapes, 
 from optimizers.transformer.token_prune import HiddenStateOnly
 from tests.optimizers.transformer.helpers import random_batches, tiny_encoder
 
-META = {"input_names": ["input_ids", "attention_mask"], "output_names": ["last_hidden_state"],
-        "model_type": "bert", "num_heads": 4, "hidden_size": 64}
+META = {
+    "input_names": ["input_ids", "attention_mask"],
+    "output_names": ["last_hidden_state"],
+    "model_type": "bert",
+    "num_heads": 4,
+    "hidden_size": 64,
+}
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +27,7 @@ def setup(tmp_path_factory):
     folder = tmp_path_factory.mktemp("passes")
     encoder = tiny_encoder(seed=7, layers=3)
     path = export_onnx(HiddenStateOnly(PooledEncoder(encoder)), folder / "original.onnx")
-    artifact = Artifact("onnx", "transformer", onnx_path=path, torch_model=encoder,
-                        meta=dict(META))
+    artifact = Artifact("onnx", "transformer", onnx_path=path, torch_model=encoder, meta=dict(META))
     batches = random_batches(6, 4, 32, seed=11, min_len=12)
     ctx = PassContext(workdir=folder / "work", calibration={"inputs": batches[:4]}, seq_len=32)
     reference = run_batches(ort_session(path), batches[4:])
