@@ -16,21 +16,11 @@ from serving.errors import (
     QueueTimeout,
     ServerShuttingDown,
 )
-from tests.fakes import FailingEngine, FakeEngine, batching_config, double_plus_rowsum
+from tests.fakes import FailingEngine, FakeEngine, batching_config, double_plus_rowsum, until
 
 
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 30))
-
-
-async def until(condition, timeout: float = 5.0) -> None:
-    """Poll ``condition()`` on the event loop until it holds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.002)
 
 
 def blocked_engine(**kwargs) -> FakeEngine:

@@ -22,6 +22,7 @@ from serving.errors import InvalidInput, RepositoryError
 from serving.manager import ModelManager, ModelState
 from serving.metrics import ServerMetrics
 from serving.ragged import RaggedSpec
+from tests.fakes import until
 from tests.models import config, write_model
 from tests.serving.manager_runner import run
 
@@ -162,15 +163,6 @@ def model_file(tmp_path_factory) -> Path:
 
 def engine_for(model_file: Path, data: dict):
     return load_engine(model_file, config(data))
-
-
-async def until(condition, timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.002)
 
 
 # ---------------------------------------------------------------------------- config
