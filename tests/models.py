@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -194,4 +195,13 @@ def tar_with_link(target: str, *, hard: bool = False) -> bytes:
         link.type = tarfile.LNKTYPE if hard else tarfile.SYMTYPE
         link.linkname = target
         archive.addfile(link)
+    return buffer.getvalue()
+
+
+def zip_bytes(members: dict[str, bytes]) -> bytes:
+    """A zip archive of ``members`` (name -> content), in memory."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
     return buffer.getvalue()

@@ -15,27 +15,10 @@ import pytest
 
 from tests.e2e.helpers import infer_input
 from tests.e2e.server import RemoteServer
-from tests.models import basic_repository, scaled_model, tar_with_link
+from tests.models import basic_repository, scaled_model, tar_with_link, zip_bytes
+from tests.pickle_payloads import Armed
 
 LIMIT = 300_000
-
-
-class MarkerPayload:
-    """Unpickling this creates ``marker``: proof that the server loaded a pickle."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
-def zip_bytes(members: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for name, data in members.items():
-            archive.writestr(name, data)
-    return buffer.getvalue()
 
 
 def armed_pt2(tmp_path: Path, payload: bytes) -> bytes:
@@ -70,7 +53,7 @@ def server_and_repo(
 def test_hostile_uploads_are_refused(tmp_path: Path, server_and_repo) -> None:
     server, repo = server_and_repo
     marker = tmp_path / "PWNED"
-    armed = pickle.dumps(MarkerPayload(marker))
+    armed = pickle.dumps(Armed(marker))
     before = tree_digest(repo)
     onnx_bytes = scaled_model(2.0)
     request = {"name": "victim"}

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import base64
 import gzip
-import io
 import json
 import pickle
-import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +18,14 @@ import orjson
 import pytest
 
 from tests.e2e.server import RemoteServer
-from tests.models import basic_repository, external_data_model, scaled_model, tar_with_link
+from tests.models import (
+    basic_repository,
+    external_data_model,
+    scaled_model,
+    tar_with_link,
+    zip_bytes,
+)
+from tests.pickle_payloads import Armed
 
 MAX_BODY = 1_000_000
 MAX_UPLOAD = 300_000
@@ -28,16 +33,6 @@ MAX_ELEMENTS = 100_000
 MAX_DECOMPRESSED = 2_000_000
 ROW = [1.0] * 16
 INFER = "/v2/models/add_sub/infer"
-
-
-class MarkerPayload:
-    """Unpickling this creates ``marker``: proof that the server loaded a pickle."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
 
 
 @dataclass
@@ -96,14 +91,6 @@ def bytes_request(element: bytes) -> Callable[[Path], dict[str, Any]]:
     return raw(header + element, **{"Inference-Header-Content-Length": str(len(header))})
 
 
-def zip_bytes(members: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for name, data in members.items():
-            archive.writestr(name, data)
-    return buffer.getvalue()
-
-
 def upload(filename: str, data: Callable[[Path], bytes], request: dict | None = None):
     def build(root: Path) -> dict[str, Any]:
         return {
@@ -115,7 +102,7 @@ def upload(filename: str, data: Callable[[Path], bytes], request: dict | None = 
 
 
 def armed(root: Path) -> bytes:
-    return pickle.dumps(MarkerPayload(root / "PWNED"))
+    return pickle.dumps(Armed(root / "PWNED"))
 
 
 def load_body(parameters: dict[str, str]) -> Callable[[Path], dict[str, Any]]:
