@@ -55,8 +55,9 @@ class DistillConfig:
     allow_synthetic: bool = False
     seed: int = 0
     threads: int = -1
-    """PyTorch intra-op threads while distilling: -1 (default) uses the cores the 1-minute load
-    average leaves free (at least one), 0 leaves torch's setting. A shared CPU (the server,
+    """PyTorch intra-op threads while distilling: -1 (default) uses the cores the rest of the
+    machine leaves idle (a 0.5 s sample of /proc/stat, else the 1-minute load average; at least
+    one), 0 leaves torch's setting. A shared CPU (the server,
     other jobs) makes multi-threaded training stall: measured 25x slower per step with 2
     threads on a loaded 2-core machine, so a busy machine gets one thread."""
 

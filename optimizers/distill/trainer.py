@@ -10,6 +10,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -69,14 +70,53 @@ class TrainingLog:
         }
 
 
-def free_cores() -> int:
-    """Cores the 1-minute load average leaves idle (at least 1)."""
-    cores = os.cpu_count() or 1
+def _cpu_jiffies(stat: str) -> tuple[int, int]:
+    """(idle, total) jiffies of the aggregate ``cpu`` line of a /proc/stat text (idle counts
+    iowait; steal counts as busy; guest time is already inside user)."""
+    for line in stat.splitlines():
+        fields = line.split()
+        if fields and fields[0] == "cpu":
+            values = [int(v) for v in fields[1:9]]
+            return values[3] + values[4], sum(values)
+    raise ValueError("no aggregate cpu line in /proc/stat")
+
+
+def idle_fraction(sample_s: float = 0.5, stat: Path = Path("/proc/stat")) -> float | None:
+    """Share of the machine's CPU time that was idle over ``sample_s`` seconds (None where
+    /proc/stat cannot be read). Unlike the load average it does not remember the work this
+    process did just before (exporting the teacher), so an idle machine reads as idle."""
     try:
-        busy = os.getloadavg()[0]
-    except OSError:
-        return 1
-    return max(1, min(cores, math.floor(cores - busy + 0.5)))
+        idle0, total0 = _cpu_jiffies(stat.read_text())
+        time.sleep(sample_s)
+        idle1, total1 = _cpu_jiffies(stat.read_text())
+    except (OSError, ValueError):
+        return None
+    if total1 <= total0:
+        return None
+    return min(1.0, max(0.0, (idle1 - idle0) / (total1 - total0)))
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, else ``os.cpu_count``)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def free_cores(sample_s: float = 0.5) -> int:
+    """Cores left idle by the rest of the machine (at least 1): a short /proc/stat sample of
+    idle CPU time where available, else the 1-minute load average."""
+    cores = usable_cores()
+    idle = idle_fraction(sample_s)
+    if idle is not None:
+        free = idle * cores
+    else:
+        try:
+            free = cores - os.getloadavg()[0]
+        except OSError:
+            return 1
+    return max(1, min(cores, math.floor(free + 0.5)))
 
 
 @contextlib.contextmanager
