@@ -83,13 +83,19 @@ def session_options(config: mc.ModelConfig):  # -> ort.SessionOptions
     Intra-op thread spinning is off by default: spinning ORT threads starve the server's own
     Python threads on small machines (measured on 2 cores: ~8x more requests/s through the
     batcher with the demo CNN). The config parameter ``allow_spinning: "1"``
-    turns it back on for a dedicated host.
+    turns it back on for a dedicated host. For a compute-heavy model on a small host,
+    ``intra_op_thread_count: "1"`` with one instance per core (``instance_group.count``)
+    needs no spinning at all. Parameters named ``session.*`` are onnxruntime session config
+    keys and are passed through as given (e.g. ``session.intra_op.spin_duration_us``).
     """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     spinning = _parameter(config, "allow_spinning") or "0"
     options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+    for key, value in config.parameters.items():
+        if key.startswith("session."):  # onnxruntime's own session config keys, verbatim
+            options.add_session_config_entry(key, value.string_value)
     intra = _parameter(config, "intra_op_thread_count")
     inter = _parameter(config, "inter_op_thread_count")
     if intra:

@@ -267,6 +267,21 @@ def test_session_options_from_config_parameters() -> None:
     assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
 
 
+def test_session_options_spinning_default_and_ort_config_keys() -> None:
+    """Spinning is off unless asked for; ``session.*`` parameters reach onnxruntime as is."""
+    options = session_options(parse_config(""))
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    config = parse_config(
+        'parameters { key: "allow_spinning" value: { string_value: "1" } }\n'
+        'parameters { key: "session.force_spinning_stop" value: { string_value: "1" } }\n'
+        'parameters { key: "session.intra_op.spin_duration_us" value: { string_value: "50" } }'
+    )
+    options = session_options(config)
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+    assert options.get_session_config_entry("session.intra_op.spin_duration_us") == "50"
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="this onnxruntime has CUDA; the CPU-only refusal cannot occur")
 def test_gpu_config_on_cpu_only_onnxruntime_is_not_ready() -> None:
     entry = ModelRepository(DEMO).entry("digits_cnn")

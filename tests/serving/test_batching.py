@@ -213,6 +213,31 @@ def test_instances_run_batches_in_parallel():
     run(main())
 
 
+def test_next_batch_starts_before_the_finished_callers_resume():
+    """A freed instance takes the waiting batch at once; it does not idle while the event
+    loop hands the finished batch's callers their results."""
+
+    async def main():
+        engine = blocked_engine()
+        batcher = DynamicBatcher([engine], batching_config(max_batch_size=1))
+
+        async def first_caller() -> int:
+            await batcher.submit({"x": rows(1, 1.0)})
+            return batcher.queue_depth  # seen the moment this caller resumes
+
+        first = asyncio.ensure_future(first_caller())
+        await until(engine.running.is_set)
+        second = asyncio.ensure_future(batcher.submit({"x": rows(1, 2.0)}))
+        await until(lambda: batcher.queue_depth == 1)
+        engine.release.set()
+        assert await first == 0  # the second request had already left for the engine
+        await second
+        assert engine.batches == [1, 1]
+        await batcher.close()
+
+    run(main())
+
+
 # ---------------------------------------------------------------------- queue policies
 
 
