@@ -52,6 +52,11 @@ class DistillConfig:
     min_holdout: int = 16
     min_train: int = 64
     max_seq_len: int = 128
+    augment: float = 0.0
+    """Augmented training inputs per training example (transformers; 0: none): random spans
+    of the user's sequences with a few tokens replaced (``transformer.augment_sequences``),
+    their teacher outputs cached with the rest. Enlarges a small unlabeled set; the held-out
+    split stays the user's own text."""
     allow_synthetic: bool = False
     seed: int = 0
     threads: int = -1
@@ -87,6 +92,7 @@ class DistillConfig:
             (self.min_holdout >= 1, "min_holdout must be >= 1"),
             (self.min_train >= 1, "min_train must be >= 1"),
             (self.max_seq_len >= 2, "max_seq_len must be >= 2"),
+            (self.augment >= 0, "augment must be >= 0"),
             (self.threads >= -1, "threads must be >= -1 (-1: free cores, 0: torch's)"),
             (self.layer_map in ("skip", "uniform", "last"), "layer_map: skip, uniform or last"),
         ]

@@ -119,6 +119,16 @@ class Distill(Pass):
                 raise PassNotApplicable("calibration batches have no input_ids")
             sequences += [s[: cfg.max_seq_len] for s in tr.sequences_from_arrays(batch)]
         split = _split(len(sequences), cfg)
+        augmented = tr.augment_sequences(
+            sequences,
+            split.train,
+            round(cfg.augment * len(split.train)),
+            np.random.default_rng(cfg.seed),
+        )
+        if augmented:
+            extra = np.arange(len(sequences), len(sequences) + len(augmented))
+            split = Split(train=np.concatenate([split.train, extra]), holdout=split.holdout)
+            sequences += augmented
         n_layers = len(getattr(*tr.encoder_layers(teacher)))
         keep = cfg.keep_layers or tr.default_keep_layers(
             n_layers, cfg.layer_stride, cfg.layer_offset
@@ -186,7 +196,11 @@ class Distill(Pass):
                 "teacher_states": list(layer_map or [n_layers]) if cfg.hidden_weight else [],
             },
             "torch_threads": torch.get_num_threads(),
-            "data": {"train": len(split.train), "held_out": len(split.holdout)},
+            "data": {
+                "train": len(split.train),
+                "held_out": len(split.holdout),
+                "augmented": len(augmented),
+            },
             "teacher_cache_seconds": round(cache_s, 2),
             "training": log.as_dict(),
             "export": exported.report,

@@ -151,6 +151,48 @@ def sequences_from_arrays(inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
     return [row[m] for row, m in zip(ids, mask, strict=True)]
 
 
+def augment_sequences(
+    sequences: Sequence[np.ndarray],
+    sources: Sequence[int],
+    count: int,
+    rng: np.random.Generator,
+    *,
+    crop_prob: float = 0.5,
+    replace_prob: float = 0.1,
+    min_tokens: int = 4,
+) -> list[np.ndarray]:
+    """``count`` new training inputs made from the user's own sequences (TinyBERT-style data
+    augmentation, without a second model): each copies a random ``sources`` sequence, keeps a
+    random contiguous span of its inner tokens with probability ``crop_prob``, and replaces
+    each inner token with probability ``replace_prob`` by a token drawn from the sources'
+    tokens (their unigram distribution). The first and last tokens ([CLS], [SEP]) are kept;
+    a result that would equal its source gets one token replaced. Sequences of at most
+    ``min_tokens`` + 2 tokens are not cropped."""
+    if count <= 0 or not len(sources):
+        return []
+    pool = np.concatenate([sequences[i][1:-1] for i in sources if len(sequences[i]) > 2])
+    if not len(pool):
+        return []
+    out = []
+    for source in rng.choice(np.asarray(sources), size=count):
+        seq = sequences[source]
+        head, inner, tail = seq[:1], seq[1:-1], seq[-1:]
+        if len(inner) > min_tokens and rng.random() < crop_prob:
+            length = int(rng.integers(min_tokens, len(inner)))
+            start = int(rng.integers(0, len(inner) - length + 1))
+            inner = inner[start : start + length]
+        inner = inner.copy()
+        replace = rng.random(len(inner)) < replace_prob
+        inner[replace] = rng.choice(pool, size=int(replace.sum()))
+        if len(inner) == len(seq) - 2 and np.array_equal(inner, seq[1:-1]) and len(inner):
+            at = int(rng.integers(len(inner)))
+            others = pool[pool != inner[at]]
+            if len(others):
+                inner[at] = rng.choice(others)
+        out.append(np.concatenate([head, inner, tail]).astype(np.int64))
+    return out
+
+
 def layer_targets(keep_layers: Sequence[int], n_teacher: int, mode: str) -> tuple[int, ...]:
     """For each student layer, the teacher hidden state (1 = after teacher layer 0) it imitates.
 
