@@ -3,7 +3,10 @@
 Requests wait in per-priority FIFO queues. One dispatcher task on the event loop forms
 batches (requests whose non-batch shapes and dtypes match are concatenated along dim 0)
 and hands each to an idle model instance; every instance runs its batches on its own
-worker thread, so N instances run N batches in parallel. Behaviour follows the model's
+worker thread, so N instances run N batches in parallel. When several instances are idle, a
+batch takes at most its share of the waiting rows (rows / idle instances), so one instance
+does not take them all while the others idle; a batch capped at its share still waits out
+``max_queue_delay`` for companions, like any batch that is not full. Behaviour follows the model's
 ``config.pbtxt`` (``max_batch_size``, ``dynamic_batching``, priorities and queue
 policies), as Triton's dynamic batcher does.
 
@@ -189,6 +192,7 @@ class DynamicBatcher:
         )
         self._max_scan = max_scan
         self._queued = 0
+        self._queued_rows = 0
         self._executing = 0
         self._closing = False
         self._idle: list[int] = list(range(len(self.engines)))
@@ -253,6 +257,7 @@ class DynamicBatcher:
         pending.length = length
         queue.append(pending)
         self._queued += 1
+        self._queued_rows += rows
         timeout = policy.timeout_us(timeout_us)
         if timeout:
             pending.timer = loop.call_later(timeout / 1e6, self._timed_out, pending, policy)
@@ -364,6 +369,7 @@ class DynamicBatcher:
         with contextlib.suppress(ValueError):
             pending.queue.remove(pending)
         self._queued -= 1
+        self._queued_rows -= pending.rows
         self._check_drained()
 
     def _fail_queued(self, error: Exception) -> None:
@@ -431,56 +437,60 @@ class DynamicBatcher:
         if not self.batching:
             return [head], None
         limit = self.max_batch_size
+        idle = len(self._idle)
+        if idle > 1:
+            # several instances wait: share the rows out instead of one taking them all
+            limit = min(limit, max(head.rows, -(-self._queued_rows // idle)))
         batch: list[_Pending] = []
         rows = 0
         preferred_cut = 0  # length of the longest prefix whose rows hit a preferred size
         scanned = 0
-        full = False
+        stop = False  # the batch takes no more rows (limit or scan reached)
+        cut: deque[_Pending] | None = None  # the queue where the rows stopped fitting
         for queue in self._queues:
             for pending in queue:
                 scanned += 1
                 if pending.signature != head.signature:
                     continue
                 if rows + pending.rows > limit:
-                    full = True
-                    if self.ragged is not None and self.ragged.group_lengths:
-                        return self._group_lengths(head, batch, queue), None
+                    stop, cut = True, queue
                     break
                 batch.append(pending)
                 rows += pending.rows
                 if rows in self.preferred:
                     preferred_cut = len(batch)
                 if rows == limit or scanned >= self._max_scan:
-                    full = True
-                    if self.ragged is not None and self.ragged.group_lengths and rows == limit:
-                        return self._group_lengths(head, batch, queue), None
+                    stop = True
+                    cut = queue if rows == limit else None
                     break
-            if full:
+            if stop:
                 break
-        if full or self._closing or self.max_queue_delay_ns == 0:
-            return batch, None
+        # a batch capped at its share is not full: more rows may still come within the delay
+        full = stop and (limit == self.max_batch_size or scanned >= self._max_scan)
         deadline = head.enqueue_ns + self.max_queue_delay_ns
-        if _now() >= deadline:
+        if full or self._closing or self.max_queue_delay_ns == 0 or _now() >= deadline:
+            if cut is not None and self.ragged is not None and self.ragged.group_lengths:
+                return self._group_lengths(head, batch, cut, limit), None
             return batch, None
         if preferred_cut:
             return batch[:preferred_cut], None
         return [], deadline
 
     def _group_lengths(
-        self, head: _Pending, fifo: list[_Pending], cut: deque[_Pending]
+        self, head: _Pending, fifo: list[_Pending], cut: deque[_Pending], limit: int
     ) -> list[_Pending]:
         """More requests wait than fit: the batch of similar lengths with the least padding.
 
-        ``fifo`` is the batch first-come order would take and ``cut`` the queue (priority
-        level) where it ran out of room. Levels before ``cut`` stay whole (priorities hold);
-        from ``cut``, the requests that join are a window of neighbouring lengths instead of
-        the earliest ones. The head (oldest request of the highest level) is always in the
-        batch, so no request waits forever.
+        ``fifo`` is the batch first-come order would take (at most ``limit`` rows) and
+        ``cut`` the queue (priority level) where it ran out of room. Levels before ``cut``
+        stay whole (priorities hold); from ``cut``, the requests that join are a window of
+        neighbouring lengths instead of the earliest ones. The head (oldest request of the
+        highest level) is always in the batch, so no request waits forever.
         """
         fixed = [p for p in fifo if p.queue is not cut]
         if head.queue is cut:
             fixed.append(head)
-        room = self.max_batch_size - sum(p.rows for p in fixed)
+        room = limit - sum(p.rows for p in fixed)
         pool: list[_Pending] = []
         for index, pending in enumerate(cut):
             if index >= min(self._max_scan, GROUP_SCAN):
@@ -530,6 +540,7 @@ class DynamicBatcher:
                 pending.timer.cancel()
             self._take(pending)
         self._queued -= len(batch)
+        self._queued_rows -= sum(p.rows for p in batch)
         self._executing += len(batch)
         self._workers[instance].put(batch)
 

@@ -213,6 +213,47 @@ def test_instances_run_batches_in_parallel():
     run(main())
 
 
+def test_idle_instances_share_the_waiting_rows():
+    """Eight rows waiting and two idle instances: 4 + 4 side by side, not 8 on one instance
+    while the other idles."""
+
+    async def main():
+        engines = [FakeEngine(), FakeEngine()]
+        batcher = DynamicBatcher(engines, batching_config(max_batch_size=8, instances=2))
+        results = await asyncio.gather(
+            *(batcher.submit({"x": rows(1, float(i))}) for i in range(8))
+        )
+        assert sorted(e.batches for e in engines) == [[4], [4]]
+        for i, (outputs, timings) in enumerate(results):
+            assert timings.batch_size == 4
+            np.testing.assert_allclose(outputs["y"], double_plus_rowsum(rows(1, float(i))))
+        await batcher.close()
+
+    run(main())
+
+
+def test_a_share_still_waits_for_the_queue_delay():
+    """The share cap does not launch a lone request early: with two idle instances one
+    request still waits up to max_queue_delay for companions, and they join it."""
+
+    async def main():
+        engines = [FakeEngine(), FakeEngine()]
+        config = batching_config(max_batch_size=8, delay_us=200_000, instances=2)
+        batcher = DynamicBatcher(engines, config)
+        first = asyncio.ensure_future(batcher.submit({"x": rows(1, 1.0)}))
+        await asyncio.sleep(0.02)
+        assert engines[0].calls + engines[1].calls == 0  # still waiting for companions
+        rest = [batcher.submit({"x": rows(1, 2.0)}) for _ in range(3)]
+        await asyncio.gather(first, *rest)
+        # at the deadline 4 rows wait for 2 idle instances: the lone request's batch has 2
+        seen = [x for engine in engines for x in engine.seen]
+        assert [len(x) for x in seen if 1.0 in x] == [2]
+        assert sum(len(x) for x in seen) == 4
+        await batcher.close()
+
+    run(main())
+
+
 def test_next_batch_starts_before_the_finished_callers_resume():
     """A freed instance takes the waiting batch at once; it does not idle while the event
     loop hands the finished batch's callers their results."""
