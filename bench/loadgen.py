@@ -43,6 +43,7 @@ class LoadResult:
     mean_ms: float = 0.0
     completed: int = 0  # all responses of the run, warm-up and drain included
     client_cpu_s: float = 0.0  # the generator's own CPU time (user + system) for the run
+    elapsed_s: float = 0.0  # the whole run: first connection to last answer (drain included)
 
     @property
     def throughput(self) -> float:
@@ -208,6 +209,7 @@ async def _load(
     loop = asyncio.get_running_loop()
     window = _Window(concurrency, duration_s, warmup_s)
     cpu_before = time.process_time()
+    started = time.perf_counter()
     finished = []
     for _ in range(concurrency):
         done: asyncio.Future[None] = loop.create_future()
@@ -218,6 +220,7 @@ async def _load(
         )
         finished.append(done)
     await asyncio.gather(*finished)
+    elapsed = time.perf_counter() - started
     cpu = time.process_time() - cpu_before
     ms = [x * 1000 for x in window.latencies]
     return LoadResult(
@@ -232,6 +235,7 @@ async def _load(
         mean_ms=sum(ms) / len(ms) if ms else 0.0,
         completed=window.completed,
         client_cpu_s=cpu,
+        elapsed_s=elapsed,
     )
 
 

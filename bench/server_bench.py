@@ -17,14 +17,18 @@ file in process with onnxruntime at exactly those batch sizes, and prints
 
     efficiency = server samples/s / in-process samples/s (at the server's batch mix)
 
-The in-process engine uses the server's own session options (``session_options(config)``:
-same intra-op thread count, spinning off) and onnxruntime's defaults with the same thread count
-(spinning on); the faster of the two is the reference, so the comparison never favours the
-server. CPU per request is reported for the server process (all threads, engine included),
-the in-process engine (per sample) and the load generator. Rounds are interleaved (every
-configuration once per round) and medians are reported.
+The in-process reference is the fastest of three arrangements at that batch mix: the server's
+own engines (``instance_group.count`` sessions with ``session_options(config)``, each run from
+its own thread), one session with onnxruntime's defaults (all cores, spinning on), and one
+single-threaded session per core side by side; so the comparison never favours the server.
+By default MiniLM is served by two instances with one intra-op thread each (on a 2-core host
+the two engines never wait on each other's threads, and no thread spins). CPU per request is
+reported for the server process (all threads, engine included), its event-loop thread, the
+in-process engine (per sample) and the load generator; ``busy`` is the share of wall time the
+server's instances spent executing. Rounds are interleaved (every configuration once per
+round) and medians are reported.
 
-    .venv/bin/python bench/server_bench.py [--rounds 3] [--duration 3] [--concurrency 16,64]
+    .venv/bin/python bench/server_bench.py [--rounds 3] [--duration minilm=8,wide_cnn=3]
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,6 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from loadgen import run_load_process  # noqa: E402
+from tritonclient.grpc import model_config_pb2 as mc  # noqa: E402
 
 from bench.results import write_section  # noqa: E402
 from serving.backends.onnxruntime import session_options  # noqa: E402
@@ -77,7 +83,7 @@ class BenchModel:
     output_name: str
     model_file: Path
     config: object  # tritonclient's ModelConfig, as written for the batching-on variant
-    sessions: dict[str, ort.InferenceSession] = field(default_factory=dict)
+    sessions: dict[str, list[ort.InferenceSession]] = field(default_factory=dict)
 
     def feed(self, batch: int, seed: int = 2) -> dict[str, np.ndarray]:
         """A batch of inputs (random floats; random token ids with a full attention mask)."""
@@ -188,9 +194,7 @@ def minilm_onnx(seq_len: int) -> Path:
     return target
 
 
-def _config(name: str, max_batch: int, delay_us: int):  # -> ModelConfig
-    from tritonclient.grpc import model_config_pb2 as mc
-
+def _config(name: str, max_batch: int, delay_us: int) -> mc.ModelConfig:
     config = mc.ModelConfig()
     config.name = name
     config.platform = "onnxruntime_onnx"
@@ -200,7 +204,11 @@ def _config(name: str, max_batch: int, delay_us: int):  # -> ModelConfig
 
 
 def build_repository(
-    root: Path, wanted: list[str], seq_len: int, threads: dict[str, int]
+    root: Path,
+    wanted: list[str],
+    seq_len: int,
+    threads: dict[str, int],
+    instances: dict[str, int] | None = None,
 ) -> list[BenchModel]:
     """``<model>`` (batching on) and ``<model>_nobatch`` for each wanted model."""
     sources: dict[str, Callable[[], tuple]] = {}
@@ -225,6 +233,9 @@ def build_repository(
         model_file, base, specs = sources[name]()
         if threads.get(name):
             base.parameters["intra_op_thread_count"].string_value = str(threads[name])
+        if (instances or {}).get(name):
+            del base.instance_group[:]
+            base.instance_group.add(count=instances[name], kind=mc.ModelInstanceGroup.KIND_CPU)
         del base.model_warmup[:]
         for suffix, batching in (("", True), ("_nobatch", False)):
             cfg = type(base)()
@@ -279,47 +290,112 @@ def cpu_seconds(process: psutil.Process) -> float:
     return times.user + times.system
 
 
-def batch_counts(url: str, name: str) -> dict[int, int]:
+def batch_counts(url: str, name: str) -> tuple[dict[int, int], int]:
+    """Executions per batch size so far, and the nanoseconds the instances spent on them
+    (concatenate + infer + split)."""
     stats = httpx.get(f"{url}/v2/models/{name}/versions/1/stats", timeout=30).json()
     entry = stats["model_stats"][0]
-    return {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in entry["batch_stats"]}
+    counts = {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in entry["batch_stats"]}
+    busy = sum(
+        int(b[part]["ns"])
+        for b in entry["batch_stats"]
+        for part in ("compute_input", "compute_infer", "compute_output")
+    )
+    return counts, busy
 
 
-ENGINE_VARIANTS = ("server options", "ort defaults")
-SHORT = {"server options": "srv", "ort defaults": "ort"}
+def main_thread_cpu(pid: int) -> float:
+    """CPU seconds of a process's main thread (the server's event loop)."""
+    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _session(model: BenchModel, variant: str) -> ort.InferenceSession:
-    """The server's session options (threads, spinning off) or onnxruntime's defaults with
-    the same intra-op thread count (spinning on)."""
-    session = model.sessions.get(variant)
-    if session is None:
-        options = session_options(model.config)
-        if variant == "ort defaults":
-            threads = options.intra_op_num_threads
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = threads
-        session = model.sessions[variant] = ort.InferenceSession(
-            str(model.model_file), sess_options=options, providers=["CPUExecutionProvider"]
-        )
-    return session
+SHORT = {"server": "srv", "ort defaults": "ort", "one per core": "par"}
+
+
+def cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0))
+
+
+def instances(config) -> int:
+    """Engine instances the server runs for a model (``instance_group`` counts)."""
+    return sum(group.count or 1 for group in config.instance_group) or 1
+
+
+def engine_variants(model: BenchModel) -> list[str]:
+    """The in-process arrangements timed as the reference (the fastest one counts).
+
+    ``server``: exactly the server's engines, ``instance_group.count`` sessions with the
+    server's session options, each run from its own Python thread; ``ort defaults``: one
+    session with onnxruntime's defaults (intra-op threads = cores, spinning on); ``one per
+    core``: one single-threaded session per core, each from its own thread (left out when
+    that is what the server runs).
+    """
+    variants = ["server", "ort defaults"]
+    threads = session_options(model.config).intra_op_num_threads
+    if (instances(model.config), threads) != (cores(), 1):
+        variants.append("one per core")
+    return variants
+
+
+def _sessions(model: BenchModel, variant: str) -> list[ort.InferenceSession]:
+    sessions = model.sessions.get(variant)
+    if sessions is None:
+        if variant == "server":
+            options = [session_options(model.config) for _ in range(instances(model.config))]
+        elif variant == "ort defaults":
+            options = [ort.SessionOptions()]
+        else:
+            options = [ort.SessionOptions() for _ in range(cores())]
+            for option in options:
+                option.intra_op_num_threads = 1
+        sessions = model.sessions[variant] = [
+            ort.InferenceSession(
+                str(model.model_file), sess_options=option, providers=["CPUExecutionProvider"]
+            )
+            for option in options
+        ]
+    return sessions
 
 
 def time_engine(model: BenchModel, variant: str, batch: int) -> tuple[float, float]:
-    """Median wall seconds and mean CPU seconds (all threads) of one in-process run."""
-    session = _session(model, variant)
+    """Wall seconds per batch of ``batch`` rows and CPU seconds (all threads) per batch, with
+    the variant's sessions running side by side, each from its own thread.
+
+    Each session's median run time gives its rate; the rates add up (one session: its
+    median run time). Every session runs at least 3 times and until 0.6 s have passed, and
+    they stop together, so the timed runs overlap.
+    """
+    sessions = _sessions(model, variant)
     feed = model.feed(batch)
-    session.run(None, feed)
-    walls = []
-    cpu_start = time.process_time()
-    deadline = time.perf_counter() + 0.6
-    while len(walls) < 20:
-        start = time.perf_counter()
+    for session in sessions:
         session.run(None, feed)
-        walls.append(time.perf_counter() - start)
-        if len(walls) >= 3 and time.perf_counter() > deadline:
-            break
-    return statistics.median(walls), (time.process_time() - cpu_start) / len(walls)
+    walls: list[list[float]] = [[] for _ in sessions]
+    deadline = time.perf_counter() + 0.6
+
+    def loop(index: int) -> None:
+        own = walls[index]
+        while True:
+            start = time.perf_counter()
+            sessions[index].run(None, feed)
+            now = time.perf_counter()
+            own.append(now - start)
+            if now > deadline and (len(own) >= 20 or min(len(w) for w in walls) >= 3):
+                return
+
+    cpu_start = time.process_time()
+    if len(sessions) == 1:
+        loop(0)
+    else:
+        threads = [threading.Thread(target=loop, args=(i,)) for i in range(len(sessions))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    cpu = (time.process_time() - cpu_start) / sum(len(w) for w in walls)
+    per_batch = 1 / sum(1 / statistics.median(w) for w in walls)
+    return per_batch, cpu
 
 
 class EngineTimes:
@@ -342,7 +418,7 @@ class EngineTimes:
         variant's CPU us per sample, and its name."""
         rows = sum(size * n for size, n in counts.items())
         best = (0.0, 0.0, "")
-        for variant in ENGINE_VARIANTS:
+        for variant in engine_variants(model):
             wall = cpu = 0.0
             for size, n in counts.items():
                 w, c = self.get(model, variant, size)
@@ -367,22 +443,47 @@ class Cell:
     engine_cpu_us: list[float] = field(default_factory=list)
     client_cpu_us: list[float] = field(default_factory=list)
     cpu_efficiency: list[float] = field(default_factory=list)
+    loop_cpu_us: list[float] = field(default_factory=list)
+    busy: list[float] = field(default_factory=list)
     variants: list[str] = field(default_factory=list)
     errors: int = 0
 
 
+def per_model(spec: str) -> dict[str, str]:
+    """``model=value,...`` as a dict; a bare value is the default (key ``""``)."""
+    out = {}
+    for item in filter(None, spec.split(",")):
+        key, sep, value = item.partition("=")
+        out[key if sep else ""] = value if sep else key
+    return out
+
+
+def duration(durations: dict[str, str], model: str) -> float:
+    """A model's measurement seconds: its own entry, else the default, else 3."""
+    return float(durations.get(model, durations.get("", 3.0)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--duration", type=float, default=3.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--duration",
+        default="minilm=8,wide_cnn=3,digits_cnn=3",
+        help="seconds of measurement per run: one number, or per model (model=seconds,...)",
+    )
     parser.add_argument("--concurrency", default="16,64")
     parser.add_argument("--models", default="minilm,wide_cnn", help="minilm,wide_cnn,digits_cnn")
     parser.add_argument("--protocols", default="binary,json")
     parser.add_argument("--seq-len", type=int, default=128, help="MiniLM tokens per request")
     parser.add_argument(
         "--threads",
-        default="digits_cnn=1,wide_cnn=0,minilm=0",
+        default="digits_cnn=1,wide_cnn=0,minilm=1",
         help="onnxruntime intra-op threads per model (server and in-process alike; 0 = default)",
+    )
+    parser.add_argument(
+        "--instances",
+        default="minilm=2",
+        help="engine instances per model (instance_group count; default 1)",
     )
     parser.add_argument(
         "--pin-client",
@@ -391,7 +492,9 @@ def main() -> None:
     )
     parser.add_argument("--no-write", action="store_true", help="do not update bench/RESULTS.md")
     args = parser.parse_args()
-    threads = {k: int(v) for k, _, v in (s.partition("=") for s in args.threads.split(",") if s)}
+    threads = {k: int(v) for k, v in per_model(args.threads).items()}
+    counts = {k: int(v) for k, v in per_model(args.instances).items()}
+    durations = per_model(args.duration)
     levels = [int(c) for c in args.concurrency.split(",")]
     pins = args.pin_client.split(",")
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
@@ -400,7 +503,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="slimserve-bench-"))
     repo = workdir / "repo"
     repo.mkdir()
-    models = build_repository(repo, args.models.split(","), args.seq_len, threads)
+    models = build_repository(repo, args.models.split(","), args.seq_len, threads, counts)
     cells: dict[tuple[str, str, str, int, str], Cell] = {}
     engine = EngineTimes()
     plan = [
@@ -420,23 +523,31 @@ def main() -> None:
                 key = (model.name, protocol, batching, concurrency, pin)
                 cell = cells.setdefault(key, Cell())
                 name = model.name + ("" if batching == "on" else "_nobatch")
-                before = batch_counts(server.url, name)
+                before, busy_before = batch_counts(server.url, name)
                 cpu_before = cpu_seconds(server_process)
+                loop_before = main_thread_cpu(server_process.pid)
                 body, headers = request_body(model, protocol)
                 result = run_load_process(
                     f"{server.url}/v2/models/{name}/infer", body, headers,
-                    concurrency=concurrency, duration_s=args.duration,
+                    concurrency=concurrency, duration_s=duration(durations, model.name),
                     pin_cpu=None if pin == "off" else int(pin),
                 )  # fmt: skip
                 cpu = cpu_seconds(server_process) - cpu_before
-                after = batch_counts(server.url, name)
-                counts = {s: after[s] - before.get(s, 0) for s in after}
-                counts = {s: n for s, n in counts.items() if n > 0}
-                record(cell, result, cpu, counts, engine.throughput(model, counts))
+                loop_cpu = main_thread_cpu(server_process.pid) - loop_before
+                after, busy_after = batch_counts(server.url, name)
+                sizes = {s: after[s] - before.get(s, 0) for s in after}
+                sizes = {s: n for s, n in sizes.items() if n > 0}
+                busy = (busy_after - busy_before) / 1e9
+                busy /= result.elapsed_s * instances(model.config) if result.elapsed_s else 1
+                record(cell, result, cpu, sizes, engine.throughput(model, sizes))
+                cell.loop_cpu_us.append(
+                    loop_cpu / result.completed * 1e6 if result.completed else 0
+                )
+                cell.busy.append(busy)
                 print(" ".join(key_text(key)), run_text(cell, result), flush=True)
     shutil.rmtree(workdir, ignore_errors=True)
     load_after = os.getloadavg()
-    table = render(cells, args, uptime, load_after, time.perf_counter() - started)
+    table = render(cells, args, models, uptime, load_after, time.perf_counter() - started)
     print(table)
     if not args.no_write:
         write_section("server_bench", table)
@@ -455,8 +566,10 @@ def run_text(cell: Cell, result) -> str:
         f"engine {cell.engine[-1]:7.1f}/s {SHORT[cell.variants[-1]]} "
         f"eff {cell.efficiency[-1]:.2f} cpu-eff {cell.cpu_efficiency[-1]:.2f} "
         f"p50 {result.p50_ms:7.2f} p99 {result.p99_ms:7.2f} ms batch {cell.mean_batch[-1]:4.1f} "
-        f"cpu us server {cell.cpu_us[-1]:.0f} engine {cell.engine_cpu_us[-1]:.0f} client "
-        f"{result.client_cpu_us:.0f} err {result.errors} {result.first_error}"
+        f"busy {cell.busy[-1]:.2f} cpu us server {cell.cpu_us[-1]:.0f} loop "
+        f"{cell.loop_cpu_us[-1]:.0f} engine {cell.engine_cpu_us[-1]:.0f} client "
+        f"{result.client_cpu_us:.0f} load {os.getloadavg()[0]:.1f} err {result.errors} "
+        f"{result.first_error}"
     )
 
 
@@ -487,49 +600,65 @@ def record(cell: Cell, result, cpu: float, counts: dict[int, int], engine) -> No
 def render(
     cells: dict[tuple[str, str, str, int, str], Cell],
     args: argparse.Namespace,
+    models: list[BenchModel],
     uptime: str,
     load_after: tuple[float, float, float],
     seconds: float,
 ) -> str:
     med = statistics.median
+    engines = "; ".join(
+        f"{m.name}: {instances(m.config)} x "
+        f"{session_options(m.config).intra_op_num_threads or 'default'}"
+        for m in models
+    )
     lines = [
         "## Server throughput vs. in-process engine (bench/server_bench.py)",
         "",
         f"Command: `.venv/bin/python bench/server_bench.py --rounds {args.rounds} "
-        f"--duration {args.duration:g} --concurrency {args.concurrency} --models {args.models} "
+        f"--duration {args.duration} --concurrency {args.concurrency} --models {args.models} "
         f"--protocols {args.protocols} --seq-len {args.seq_len} --threads {args.threads} "
-        f"--pin-client {args.pin_client}` ({seconds / 60:.1f} min)  ",
-        f"Machine: {os.cpu_count()} CPUs; `uptime` before the run: `{uptime}`; load average "
+        f"--instances {args.instances} --pin-client {args.pin_client}` ({seconds / 60:.1f} min)  ",
+        f"Machine: {cores()} CPUs; `uptime` before the run: `{uptime}`; load average "
         f"after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}  ",
-        f"Medians of {args.rounds} interleaved rounds of {args.duration:g}s per cell; one "
+        f"Server engines (instances x intra-op threads): {engines}.  ",
+        f"Medians of {args.rounds} interleaved rounds (seconds per run: {args.duration}); one "
         "sample per request; the load generator (bench/loadgen.py) runs on the same cores as "
         "the server (`pin`: the core it was pinned to).",
         "`server samples/s` = callers / mean latency (Little's law for a closed loop; no "
         "+-1-batch quantisation when a slow model answers 16 requests at once); `counted/s` = "
-        "successful responses counted in the window, for comparison; `engine/s` = "
+        "successful responses counted in the window, for comparison; `engine samples/s` = "
         "onnxruntime in process running the batch sizes the server formed in that run, the "
-        "faster of the server's session options (`srv`: spinning off) and onnxruntime's "
-        "defaults (`ort`: spinning on) at the same thread count (`ref`: which one, per round); "
-        "`eff` = server samples/s / engine samples/s. CPU columns, in us: `server` = server "
-        "process per request (all threads, engine included; warm-up and drain included), "
-        "`engine` = in-process engine per sample, `client` = load generator per request; "
-        "`CPU eff` = engine / (server + client): the share of the CPU spent per request that "
-        "the engine alone needs, which other processes' load distorts far less than `eff`.",
+        "fastest of three arrangements (`ref`, per round): `srv` = the server's own engines "
+        "(same instances, threads and session options, each instance run from its own "
+        "thread), `ort` = one session with onnxruntime's defaults (all cores, spinning on), "
+        "`par` = one single-threaded session per core side by side; `eff` = server samples/s "
+        "/ engine samples/s (`eff range`: lowest and highest round). `busy` = share of the "
+        "load run's wall time the server's instances spent executing batches (from its "
+        "statistics). CPU columns, in us: `server` = server process per request (all threads, "
+        "engine included; warm-up and drain included), `loop` = its event-loop thread per "
+        "request, `engine` = in-process engine per sample, `client` = load generator per "
+        "request; `CPU eff` = engine / (server + client): the share of the CPU spent per "
+        "request that the engine alone needs, which other processes' load distorts far less "
+        "than `eff`.",
         "",
         "| model | protocol | batching | conc | pin | server samples/s | counted/s "
-        "| engine samples/s | eff | CPU eff | ref | mean batch | p50 ms | p90 ms | p99 ms "
-        "| CPU server | CPU engine | CPU client | errors |",
-        "|---|---|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| engine samples/s | eff | eff range | CPU eff | ref | busy | mean batch | p50 ms "
+        "| p90 ms | p99 ms | CPU server | CPU loop | CPU engine | CPU client | errors |",
+        "|---|---|---|---:|---|---:|---:|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:"
+        "|---:|---:|---:|---:|",
     ]
     for (model, protocol, batching, concurrency, pin), cell in cells.items():
         lines.append(
             f"| {model} | {protocol} | {batching} | {concurrency} | {pin} "
             f"| {med(cell.throughput):.0f} | {med(cell.counted):.0f} | {med(cell.engine):.0f} "
-            f"| {med(cell.efficiency):.2f} | {med(cell.cpu_efficiency):.2f} "
-            f"| {','.join(SHORT[v] for v in cell.variants)} | {med(cell.mean_batch):.1f} "
-            f"| {med(cell.p50):.1f} "
+            f"| {med(cell.efficiency):.2f} "
+            f"| {min(cell.efficiency):.2f}-{max(cell.efficiency):.2f} "
+            f"| {med(cell.cpu_efficiency):.2f} "
+            f"| {','.join(SHORT[v] for v in cell.variants)} | {med(cell.busy):.2f} "
+            f"| {med(cell.mean_batch):.1f} | {med(cell.p50):.1f} "
             f"| {med(cell.p90):.1f} | {med(cell.p99):.1f} | {med(cell.cpu_us):.0f} "
-            f"| {med(cell.engine_cpu_us):.0f} | {med(cell.client_cpu_us):.0f} | {cell.errors} |"
+            f"| {med(cell.loop_cpu_us):.0f} | {med(cell.engine_cpu_us):.0f} "
+            f"| {med(cell.client_cpu_us):.0f} | {cell.errors} |"
         )
     return "\n".join(lines) + "\n"
 

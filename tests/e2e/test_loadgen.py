@@ -74,3 +74,4 @@ def test_closed_loop_counts_answers_and_errors(stub_port: int) -> None:
     assert result.p50_ms <= result.p90_ms <= result.p99_ms
     assert result.little_throughput > 0
     assert result.client_cpu_s > 0
+    assert 0.6 <= result.elapsed_s < 5  # warm-up + window + drain
