@@ -21,14 +21,15 @@ The in-process reference is the fastest of three arrangements at that batch mix:
 own engines (``instance_group.count`` sessions with ``session_options(config)``, each run from
 its own thread), one session with onnxruntime's defaults (all cores, spinning on), and one
 single-threaded session per core side by side; so the comparison never favours the server.
-By default MiniLM is served by two instances with one intra-op thread each (on a 2-core host
-the two engines never wait on each other's threads, and no thread spins). CPU per request is
-reported for the server process (all threads, engine included), its event-loop thread, the
-in-process engine (per sample) and the load generator; ``busy`` is the share of wall time the
-server's instances spent executing. Rounds are interleaved (every configuration once per
-round) and medians are reported.
+By default MiniLM and the wide CNN are served by two instances with one intra-op thread
+each (on a 2-core host the two engines never wait on each other's threads, and no thread
+spins). CPU per request is reported for the server process (all threads, engine included),
+its event-loop thread, the in-process engine (per sample) and the load generator; ``busy`` is
+the share of wall time the server's instances spent executing. Rounds are interleaved (every
+configuration once per round) and medians are reported.
 
-    .venv/bin/python bench/server_bench.py [--rounds 3] [--duration minilm=8,wide_cnn=3]
+    .venv/bin/python bench/server_bench.py [--models minilm] [--rounds 3] [--duration minilm=8]
+    .venv/bin/python bench/server_bench.py --models wide_cnn --section server_bench_cnn
 """
 
 from __future__ import annotations
@@ -472,17 +473,17 @@ def main() -> None:
         help="seconds of measurement per run: one number, or per model (model=seconds,...)",
     )
     parser.add_argument("--concurrency", default="16,64")
-    parser.add_argument("--models", default="minilm,wide_cnn", help="minilm,wide_cnn,digits_cnn")
+    parser.add_argument("--models", default="minilm", help="minilm,wide_cnn,digits_cnn")
     parser.add_argument("--protocols", default="binary,json")
     parser.add_argument("--seq-len", type=int, default=128, help="MiniLM tokens per request")
     parser.add_argument(
         "--threads",
-        default="digits_cnn=1,wide_cnn=0,minilm=1",
+        default="digits_cnn=1,wide_cnn=1,minilm=1",
         help="onnxruntime intra-op threads per model (server and in-process alike; 0 = default)",
     )
     parser.add_argument(
         "--instances",
-        default="minilm=2",
+        default="wide_cnn=2,minilm=2",
         help="engine instances per model (instance_group count; default 1)",
     )
     parser.add_argument(
@@ -491,6 +492,11 @@ def main() -> None:
         help="load generator core(s) to compare, e.g. 'off,1' (off = unpinned); interleaved",
     )
     parser.add_argument("--no-write", action="store_true", help="do not update bench/RESULTS.md")
+    parser.add_argument(
+        "--section",
+        default="server_bench",
+        help="RESULTS.md section to write (e.g. server_bench_cnn for a second run's table)",
+    )
     args = parser.parse_args()
     threads = {k: int(v) for k, v in per_model(args.threads).items()}
     counts = {k: int(v) for k, v in per_model(args.instances).items()}
@@ -550,7 +556,7 @@ def main() -> None:
     table = render(cells, args, models, uptime, load_after, time.perf_counter() - started)
     print(table)
     if not args.no_write:
-        write_section("server_bench", table)
+        write_section(args.section, table)
 
 
 def key_text(key: tuple[str, str, str, int, str]) -> list[str]:
@@ -612,12 +618,16 @@ def render(
         for m in models
     )
     lines = [
-        "## Server throughput vs. in-process engine (bench/server_bench.py)",
+        "## Server throughput vs. in-process engine (bench/server_bench.py)"
+        if args.section == "server_bench"
+        else f"### {args.models} (bench/server_bench.py, section `{args.section}`)",
         "",
         f"Command: `.venv/bin/python bench/server_bench.py --rounds {args.rounds} "
         f"--duration {args.duration} --concurrency {args.concurrency} --models {args.models} "
         f"--protocols {args.protocols} --seq-len {args.seq_len} --threads {args.threads} "
-        f"--instances {args.instances} --pin-client {args.pin_client}` ({seconds / 60:.1f} min)  ",
+        f"--instances {args.instances} --pin-client {args.pin_client}"
+        + ("" if args.section == "server_bench" else f" --section {args.section}")
+        + f"` ({seconds / 60:.1f} min)  ",
         f"Machine: {cores()} CPUs; `uptime` before the run: `{uptime}`; load average "
         f"after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}  ",
         f"Server engines (instances x intra-op threads): {engines}.  ",
