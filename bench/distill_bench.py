@@ -39,7 +39,10 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import optimizers.distill.passes  # noqa: E402, F401  (registers the distill pass)
-from optimizers.distill.data import python_docs_sentences  # noqa: E402
+from optimizers.distill.data import (  # noqa: E402
+    python_docs_sentences,
+    stdlib_docstring_sentences,
+)
 from optimizers.measure import MeasureSettings, time_calls  # noqa: E402
 from optimizers.onnxutil import make_session  # noqa: E402
 from optimizers.passes.base import Artifact, PassContext  # noqa: E402
@@ -86,7 +89,16 @@ def minilm(args: argparse.Namespace, workdir: Path) -> dict:
     order = np.random.default_rng(0).permutation(len(texts))
     test_texts = [texts[i] for i in order[: args.test_sentences]]
     train_texts = [texts[i] for i in order[args.test_sentences :]]
-    print(f"MiniLM: {len(train_texts)} unlabeled sentences for the pass, {len(test_texts)} test")
+    extra: list[str] = []
+    if args.extra_docstrings:
+        pool = stdlib_docstring_sentences(exclude=texts)
+        pick = np.random.default_rng(1).permutation(len(pool))[: args.extra_docstrings]
+        extra = [pool[i] for i in pick]
+        train_texts += extra
+    print(
+        f"MiniLM: {len(train_texts)} unlabeled sentences for the pass "
+        f"({len(extra)} from stdlib docstrings), {len(test_texts)} test"
+    )
 
     ctx = PassContext(workdir=workdir / "minilm", batch_size=8, seq_len=128, progress=_progress)
     start = time.monotonic()
@@ -110,6 +122,7 @@ def minilm(args: argparse.Namespace, workdir: Path) -> dict:
         holdout_fraction=0.1,
         max_seq_len=args.max_len,
         threads=args.threads,
+        **({} if args.augment is None else {"augment": args.augment}),
     )
     start = time.monotonic()
     LOAD_SAMPLES.clear()
@@ -175,6 +188,10 @@ def minilm(args: argparse.Namespace, workdir: Path) -> dict:
         },
         "bytes": {"teacher": report["teacher"]["bytes"], "student": report["student"]["bytes"]},
         "data": report["data"],
+        "pass_text": {
+            "pydoc_topics_sentences": len(train_texts) - len(extra),
+            "stdlib_docstring_sentences": len(extra),
+        },
         "loss": report["loss"],
         "torch_threads": report["torch_threads"],
         "load_average_1min_during_pass": {
@@ -279,6 +296,15 @@ def main() -> None:
     parser.add_argument("--patience", type=int, default=6)
     parser.add_argument("--max-len", type=int, default=128)
     parser.add_argument("--test-sentences", type=int, default=400)
+    parser.add_argument(
+        "--augment", type=float, default=None, help="augmented inputs per training sentence"
+    )
+    parser.add_argument(
+        "--extra-docstrings",
+        type=int,
+        default=0,
+        help="add this many stdlib docstring sentences to the pass's unlabeled data",
+    )
     parser.add_argument("--width", type=float, default=0.5, help="CNN channel fraction")
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument(

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import re
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -37,6 +41,7 @@ def split_holdout(
     return Split(train=np.sort(order[n_holdout:]), holdout=np.sort(order[:n_holdout]))
 
 
+_DOCUMENTED = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 
 
@@ -62,6 +67,39 @@ def python_docs_sentences(limit: int | None = None) -> list[str]:
             seen.setdefault(sentence, None)
     result = list(seen)
     return result if limit is None else result[:limit]
+
+
+def stdlib_docstring_sentences(
+    exclude: Sequence[str] = (), modules: Sequence[str] | None = None
+) -> list[str]:
+    """Unique sentences of the docstrings in the standard library's own source (modules,
+    classes, functions; test packages skipped), read with ``ast`` (nothing is imported), in a
+    fixed order; sentences in ``exclude`` are left out; ``modules``: only these top-level
+    modules (default: all of ``sys.stdlib_module_names``). English prose about Python, like
+    ``python_docs_sentences``, but a different text: API docstrings, not the reference."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    seen = dict.fromkeys(exclude)
+    result: list[str] = []
+    for name in sorted(sys.stdlib_module_names if modules is None else modules):
+        top = root / name
+        files = [root / f"{name}.py"] if (root / f"{name}.py").is_file() else []
+        files += sorted(top.rglob("*.py")) if top.is_dir() else []
+        for file in files:
+            if {"test", "tests", "idle_test"} & set(file.relative_to(root).parts):
+                continue
+            try:
+                tree = ast.parse(file.read_text(encoding="utf-8"))
+            except (SyntaxError, UnicodeDecodeError, ValueError):
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, _DOCUMENTED):
+                    for sentence in sentences(ast.get_docstring(node) or "", min_words=5):
+                        if sentence not in seen:
+                            seen[sentence] = None
+                            result.append(sentence)
+    return result
 
 
 def stack_inputs(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -232,3 +232,18 @@ def test_pass_refuses_onnx_only_transformers(tmp_path, teacher_dir, texts):
     onnx_only = Artifact("onnx", "transformer", onnx_path=tmp_path / "model.onnx", meta={})
     with pytest.raises(PassNotApplicable, match="needs its PyTorch weights"):
         get_pass("distill").call(onnx_only, ctx)
+
+
+def test_stdlib_docstrings_are_extra_prose_disjoint_from_excluded_text():
+    import json
+    import textwrap
+
+    from optimizers.distill.data import stdlib_docstring_sentences
+
+    found = stdlib_docstring_sentences(modules=["json", "textwrap"])
+    assert len(found) > 20
+    assert len(set(found)) == len(found)
+    assert any(s in (textwrap.dedent.__doc__ or "") for s in found)  # really the docstrings
+    first = found[0]
+    assert first in " ".join((json.__doc__ or "").split())
+    assert first not in stdlib_docstring_sentences([first], modules=["json", "textwrap"])
