@@ -122,6 +122,7 @@ def minilm(args: argparse.Namespace, workdir: Path) -> dict:
         holdout_fraction=0.1,
         max_seq_len=args.max_len,
         threads=args.threads,
+        dropout=args.dropout,
         **({} if args.augment is None else {"augment": args.augment}),
     )
     start = time.monotonic()
@@ -194,6 +195,8 @@ def minilm(args: argparse.Namespace, workdir: Path) -> dict:
         },
         "loss": report["loss"],
         "torch_threads": report["torch_threads"],
+        "dropout": report["dropout"],
+        "augment": distill.config.augment,
         "load_average_1min_during_pass": {
             "median": float(np.median(pass_load)) if pass_load else None,
             "max": max(pass_load, default=None),
@@ -299,6 +302,7 @@ def main() -> None:
     parser.add_argument(
         "--augment", type=float, default=None, help="augmented inputs per training sentence"
     )
+    parser.add_argument("--dropout", action="store_true", help="student dropout while training")
     parser.add_argument(
         "--extra-docstrings",
         type=int,

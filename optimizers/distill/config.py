@@ -52,6 +52,9 @@ class DistillConfig:
     min_holdout: int = 16
     min_train: int = 64
     max_seq_len: int = 128
+    dropout: bool = False
+    """Train the transformer student with its dropout layers active (a regularizer against
+    overfitting a small unlabeled set); the teacher's targets are always dropout-free."""
     augment: float = 0.0
     """Augmented training inputs per training example (transformers; 0: none): random spans
     of the user's sequences with a few tokens replaced (``transformer.augment_sequences``),

@@ -150,6 +150,7 @@ class Distill(Pass):
             batch_size=cfg.batch_size,
             hidden_weight=cfg.hidden_weight,
             layer_map=layer_map,
+            dropout=cfg.dropout,
         )
         cache_s = time.monotonic() - started
         log = train(
@@ -195,6 +196,7 @@ class Distill(Pass):
                 "feature_weight": cfg.hidden_weight,
                 "teacher_states": list(layer_map or [n_layers]) if cfg.hidden_weight else [],
             },
+            "dropout": cfg.dropout,
             "torch_threads": torch.get_num_threads(),
             "data": {
                 "train": len(split.train),
