@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import scipy.linalg
 import torch
 from torch.nn import functional as F
 
@@ -74,18 +73,60 @@ def _torch_batch(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.as_tensor(batch["input_ids"]), torch.as_tensor(batch["attention_mask"])
 
 
+def _examples(calibration: Sequence[Batch]) -> list[np.ndarray] | None:
+    """The real token ids of every example, or ``None`` unless all batches are right-padded
+    (only then can examples be re-batched without changing their position ids)."""
+    out = []
+    for batch in calibration:
+        mask = np.asarray(batch["attention_mask"]).astype(bool)
+        lengths = mask.sum(1)
+        if not (mask == (np.arange(mask.shape[1])[None, :] < lengths[:, None])).all():
+            return None
+        out.extend(row[:n] for row, n in zip(np.asarray(batch["input_ids"]), lengths, strict=True))
+    return out
+
+
+def _pack(examples: Sequence[np.ndarray], batch_size: int, pad_id: int) -> list[Batch]:
+    """Right-padded batches of ``examples`` (token id rows), sorted by length."""
+    order = sorted(range(len(examples)), key=lambda i: (len(examples[i]), i))
+    out = []
+    for start in range(0, len(order), batch_size):
+        group = [examples[i] for i in order[start : start + batch_size]]
+        width = max(len(g) for g in group)
+        ids = np.full((len(group), width), pad_id, dtype=np.int64)
+        mask = np.zeros((len(group), width), dtype=np.int64)
+        for row, g in enumerate(group):
+            ids[row, : len(g)] = g
+            mask[row, : len(g)] = 1
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def repack(calibration: Sequence[Batch], batch_size: int = 16, pad_id: int = 0) -> list[Batch]:
+    """The examples of ``calibration`` re-batched by token length (least padding).
+
+    Left-padded input is returned unchanged (moving its tokens would move their positions).
+    """
+    examples = _examples(calibration)
+    if examples is None:
+        return list(calibration)
+    return _pack(examples, batch_size, pad_id)
+
+
 def fisher_gradients(
     encoder: SlimEncoder,
     calibration: Sequence[Batch],
     seed: int = 0,
     check: Callable[[], None] | None = None,
+    batch_size: int = 16,
 ) -> FisherStats:
     """Per-example gradients of ``r . normalize(pooled embedding)`` w.r.t. the masks.
 
     Every example gets its own copy of the head/neuron masks (all ones), so one backward
     pass per batch yields one gradient per example; with ``r ~ N(0, I)`` drawn per example,
     ``E[g g^T] = J^T J``, the Gaussian Fisher of the embedding (the labels-free analogue of
-    sampling labels from the model). Rows of the result are examples.
+    sampling labels from the model). Examples are first re-batched by length (``repack``)
+    so little time goes to padding. Rows of the result are examples.
     """
     spec = encoder.spec
     n_layers = len(encoder.layers)
@@ -99,7 +140,7 @@ def fisher_gradients(
     hg, ng = [], []
     try:
         with torch.enable_grad():
-            for batch in calibration:
+            for batch in repack(calibration, batch_size, spec.pad_token_id):
                 if check is not None:
                     check()
                 ids, mask = _torch_batch(batch)
@@ -172,26 +213,30 @@ def _greedy_pruned_set(grads: np.ndarray, n_prune: int) -> np.ndarray:
     Start from the ``n_prune`` units with the smallest diagonal Fisher; visit the others in
     increasing diagonal order, add each to the pruned set and drop again the member whose
     removal leaves the smallest ``||sum_{i in P} g_i||^2`` (possibly the one just added), so
-    the block-diagonal Fisher loss never increases.
+    the block-diagonal Fisher loss never increases. Works on the Gram matrix ``G = g g^T``
+    with running ``G[:, P] 1`` and ``||sum_P g||^2``: O(units) per visited unit.
     """
     n_units = grads.shape[1]
     if n_prune in (0, n_units):
         return np.arange(n_units)[:n_prune]
-    g = grads.T  # [units, N]
-    sq = (g**2).sum(1)
+    gram = grads.T @ grads  # [units, units]
+    sq = np.diag(gram).copy()
     order = np.argsort(sq, kind="stable")
-    pruned = list(order[:n_prune])
-    total = g[pruned].sum(0)
+    members = np.empty(n_prune + 1, dtype=int)
+    members[:n_prune] = order[:n_prune]
+    dots = gram[:, members[:n_prune]].sum(1)  # g_j . sum_P g for every unit j
+    total = float(dots[members[:n_prune]].sum())  # ||sum_P g||^2
     for idx in order[n_prune:]:
-        pruned.append(int(idx))
-        total = total + g[idx]
-        cand = g[pruned]
-        # ||total - g_j||^2 for every member j
-        lengths = (total**2).sum() - 2 * cand @ total + sq[pruned]
-        drop = int(np.argmin(lengths))
-        total = total - g[pruned[drop]]
-        del pruned[drop]
-    return np.array(pruned, dtype=int)
+        members[n_prune] = idx
+        total += 2.0 * dots[idx] + sq[idx]
+        dots += gram[idx]  # rows: gram is symmetric
+        lengths = total - 2.0 * dots[members] + sq[members]  # ||sum_P g - g_j||^2
+        slot = int(np.argmin(lengths))
+        drop = members[slot]
+        total = float(lengths[slot])
+        dots -= gram[drop]
+        members[slot] = members[n_prune]
+    return np.sort(members[:n_prune])
 
 
 def rearrange_masks(masks: Masks, stats: FisherStats) -> tuple[Masks, dict[str, float]]:
@@ -217,49 +262,52 @@ def rearrange_masks(masks: Masks, stats: FisherStats) -> tuple[Masks, dict[str, 
     return out, {"fisher_loss_search": before, "fisher_loss_rearranged": after}
 
 
-def _damped_step(gram: np.ndarray, rhs: np.ndarray, damp: float) -> np.ndarray | None:
-    """``argmin ||A d - e||^2 + lam ||d||^2`` from ``A^T A``, ``A^T e`` (``None`` if singular)."""
+def _damped_step(gram: torch.Tensor, rhs: torch.Tensor, damp: float) -> torch.Tensor | None:
+    """``argmin ||A d - e||^2 + lam ||d||^2`` from FP64 ``A^T A``, ``A^T e`` (``None`` if the
+    damped system is not positive definite or the step is not finite)."""
     k = gram.shape[0]
-    lam = damp * float(np.trace(gram)) / max(k, 1) + 1e-12
-    try:
-        delta = scipy.linalg.solve(gram + lam * np.eye(k), rhs, assume_a="pos")
-    except (np.linalg.LinAlgError, ValueError):
+    lam = damp * float(gram.diagonal().sum()) / max(k, 1) + 1e-12
+    chol, info = torch.linalg.cholesky_ex(gram + lam * torch.eye(k, dtype=gram.dtype))
+    if int(info) != 0:
         return None
-    return delta if np.isfinite(delta).all() else None
+    delta = torch.cholesky_solve(rhs[:, None], chol)[:, 0]
+    return delta if bool(torch.isfinite(delta).all()) else None
 
 
 def _fit_scales(
     n: int,
     pre_ln: Callable[[torch.Tensor], torch.Tensor],
-    system: Callable[[torch.Tensor, _LayerNormLinearization], tuple[np.ndarray, np.ndarray]],
+    system: Callable[[torch.Tensor, _LayerNormLinearization], tuple[torch.Tensor, torch.Tensor]],
     ln: torch.nn.LayerNorm,
     target: torch.Tensor,
     damp: float,
     iters: int,
-) -> tuple[np.ndarray, float, float]:
+) -> tuple[np.ndarray, float, float, torch.Tensor]:
     """Damped Gauss-Newton on ``||LN(pre_ln(s)) - target||^2`` from ``s = 1``.
 
     Each step linearises the LayerNorm at the current pre-LN sum and solves the damped
     least squares problem for the scale update; a step is taken only if it lowers the
     actual error, and scales outside [-10, 10] are rejected (as in the reference code).
-    Returns (scales, error at s = 1, error at the returned scales), relative errors.
+    Returns (scales, error at s = 1, error at the returned scales, pre-LN sum there),
+    errors relative.
     """
-    scales = np.ones(n)
-    before = best = _rel_err(ln(pre_ln(torch.ones(n))), target)
+    scales = torch.ones(n, dtype=torch.float64)
+    x = pre_ln(scales.float())
+    before = best = _rel_err(ln(x), target)
     for _ in range(iters if n else 0):
-        x = pre_ln(torch.as_tensor(scales).float())
         lin = _LayerNormLinearization.at(x, ln)
         delta = _damped_step(*system(target - ln(x), lin), damp)
         if delta is None:
             break
         cand = scales + delta
-        if np.abs(cand).max() > 10.0:
+        if float(cand.abs().max()) > 10.0:
             break
-        err = _rel_err(ln(pre_ln(torch.as_tensor(cand).float())), target)
+        x_cand = pre_ln(cand.float())
+        err = _rel_err(ln(x_cand), target)
         if err >= best:
             break
-        scales, best = cand, err
-    return scales, before, best
+        scales, best, x = cand, err, x_cand
+    return scales.numpy(), before, best, x
 
 
 @dataclass
@@ -291,13 +339,10 @@ class _LayerNormLinearization:
 
 
 def _head_system(contribs: torch.Tensor, tau: torch.Tensor, lin: _LayerNormLinearization):
-    """Normal equations ``(LA)^T LA``, ``(LA)^T tau`` for head scales (``contribs [k, N, d]``,
-    ``tau [N, d]`` in the LayerNorm's output space)."""
-    a = lin(contribs)
-    t = tau
-    gram = torch.einsum("inh,jnh->ij", a.double(), a.double()).numpy()
-    rhs = torch.einsum("inh,nh->i", a.double(), t.double()).numpy()
-    return gram, rhs
+    """Normal equations ``(LA)^T LA``, ``(LA)^T tau`` (FP64) for head scales
+    (``contribs [k, N, d]``, ``tau [N, d]`` in the LayerNorm's output space)."""
+    a = lin(contribs).reshape(contribs.shape[0], -1).double()
+    return a @ a.T, a @ tau.reshape(-1).double()
 
 
 def _neuron_system(
@@ -308,10 +353,10 @@ def _neuron_system(
     Token ``n``'s design is ``W diag(act_n)``; after the LN map it is
     ``(B diag(act_n) - q_n u_n^T / d) / sigma_n`` with ``B = g * C W``, ``q_n = g * xhat_n``
     and ``u_n = act_n * (W^T xhat_n)``, so the Gram matrix is a Hadamard product plus two
-    low-rank corrections.
+    low-rank corrections: three ``[k, N] x [N, k]`` FP32 products, summed in FP64.
     """
     d = w.shape[0]
-    a = act  # float32 products (FP64 would double the time), FP64 solve
+    a = act
     xhat, inv_s, g = lin.xhat, lin.inv_sigma, lin.gain
     b_mat = g[:, None] * (w - w.mean(0, keepdim=True))  # [d, k]
     q = g * xhat  # [N, d]
@@ -323,7 +368,7 @@ def _neuron_system(
     gram = gram - (cross + cross.T) / d
     gram = gram + (u.T @ (u * (w2 * (q**2).sum(1) / d**2)[:, None])).double()
     rhs = (a * (tau @ b_mat)).T @ inv_s - u.T @ (inv_s * (q * tau).sum(1) / d)
-    return gram.numpy(), rhs.double().numpy()
+    return gram, rhs.double()
 
 
 def _rel_err(pred: torch.Tensor, target: torch.Tensor) -> float:
@@ -338,41 +383,61 @@ def _spread(calibration: Sequence[Batch], n: int) -> list[Batch]:
     return [cal[i] for i in np.linspace(0, len(cal) - 1, n).round().astype(int)]
 
 
-def _gather_tokens(encoder: SlimEncoder, calibration: Sequence[Batch], max_tokens: int):
-    """Embedding outputs of about ``max_tokens`` real tokens from batches spread over
-    ``calibration``, grouped per batch (with the key bias and real-token mask)."""
-    cal = list(calibration)
-    per_batch = max(1.0, float(np.mean([b["attention_mask"].sum() for b in cal])))
-    items = []
-    total = 0
-    for batch in _spread(cal, max(1, int(np.ceil(max_tokens / per_batch)))):
-        ids, mask = _torch_batch(batch)
-        items.append((encoder.embed(ids, mask), key_bias(mask), mask.bool()))
-        total += int(mask.sum())
-        if total >= max_tokens:
-            break
-    return items
+def tuning_batches(
+    calibration: Sequence[Batch], max_tokens: int, pad_id: int = 0, batch_size: int = 16
+) -> list[Batch]:
+    """About ``max_tokens`` real tokens of examples evenly spread over ``calibration``,
+    re-batched by length (whole batches, spread, if the input is left-padded)."""
+    examples = _examples(calibration)
+    if examples is None:
+        cal = list(calibration)
+        per_batch = max(1.0, float(np.mean([b["attention_mask"].sum() for b in cal])))
+        return _spread(cal, max(1, int(np.ceil(max_tokens / per_batch))))
+    lengths = np.array([len(e) for e in examples])
+    if lengths.sum() > max_tokens:
+        n = max(1, int(np.ceil(max_tokens / lengths.mean())))
+        idx = np.unique(np.linspace(0, len(examples) - 1, n).round().astype(int))
+        examples = [examples[i] for i in idx]
+    return _pack(examples, batch_size, pad_id)
 
 
-def _head_contributions(
-    layer: SlimLayer, x: torch.Tensor, bias: torch.Tensor, heads: list[int]
+def _context(
+    layer: SlimLayer, hidden: list[torch.Tensor], biases: list[torch.Tensor], real: list
 ) -> torch.Tensor:
-    """Each listed head's output-projected context ``[k, B, S, hidden]`` (no bias)."""
-    dh = layer.head_dim
-    q, k, v = layer.project_qkv(x)
-    ctx, _ = layer.attend(q, k, v, bias)
-    if not heads:
-        return torch.zeros(0, *x.shape)
-    return torch.stack(
-        [
-            ctx[..., h * dh : (h + 1) * dh] @ layer.o.weight[:, h * dh : (h + 1) * dh].T
-            for h in heads
-        ]
-    )
+    """Attention context ``[N, heads*dh]`` of the real tokens of every padded batch."""
+    out = []
+    for h, bias, r in zip(hidden, biases, real, strict=True):
+        ctx, _ = layer.attend(*layer.project_qkv(h), bias)
+        out.append(ctx[r])
+    return torch.cat(out)
+
+
+def _unflatten(flat: torch.Tensor, real: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Real-token rows ``[N, d]`` back into zero-padded ``[B, S, d]`` batches."""
+    out, offset = [], 0
+    for r in real:
+        h = flat.new_zeros(*r.shape, flat.shape[-1])
+        n = int(r.sum())
+        h[r] = flat[offset : offset + n]
+        out.append(h)
+        offset += n
+    return out
+
+
+@dataclass
+class TuningRun:
+    """Tuned masks, per-layer errors, and the pooled, normalised embeddings of the unpruned
+    (``teacher``) and the pruned-and-tuned model (``student``) on the tuning ``batches``."""
+
+    masks: Masks
+    errors: list[dict[str, float]]
+    batches: list[Batch]
+    teacher: list[torch.Tensor]
+    student: list[torch.Tensor]
 
 
 @torch.no_grad()
-def tune_masks(
+def run_tuning(
     encoder: SlimEncoder,
     masks: Masks,
     calibration: Sequence[Batch],
@@ -380,74 +445,68 @@ def tune_masks(
     max_tokens: int = 4096,
     check: Callable[[], None] | None = None,
     iters: int = 3,
-) -> tuple[Masks, list[dict[str, float]]]:
+) -> TuningRun:
     """Layer-wise least-squares scales for the kept heads and neurons (Kwon et al. step 3).
 
     Layers are tuned in order. For each sublayer the input is the pruned-and-tuned
     model's own hidden state (student) and the target the unpruned model's output for the
     same tokens (teacher); the scales of the kept heads (then neurons) solve damped least
     squares problems on the residual sum, measured through the LayerNorm that follows it
-    (linearised, a few Gauss-Newton steps; ``_fit_scales``). A step is kept only if it
+    (linearised, ``iters`` Gauss-Newton steps; ``_fit_scales``). A step is kept only if it
     lowers the actual post-LayerNorm error of that sublayer on the calibration tokens.
-    Errors reported are relative post-LayerNorm errors against the teacher.
+    Only attention sees padded batches; everything else runs on the real tokens, and the
+    student computes only its kept heads and neurons. Errors reported are relative
+    post-LayerNorm errors against the teacher.
     """
-    items = _gather_tokens(encoder, calibration, max_tokens)
-    teacher = [h for h, _, _ in items]
-    student = [h.clone() for h, _, _ in items]
+    batches = tuning_batches(calibration, max_tokens, encoder.spec.pad_token_id)
+    tensors = [_torch_batch(b) for b in batches]
+    real = [mask.bool() for _, mask in tensors]
+    biases = [key_bias(mask) for _, mask in tensors]
+    teacher = [encoder.embed(ids, mask) for ids, mask in tensors]
+    student = [h.clone() for h in teacher]
     tuned = Masks(heads=masks.heads, neurons=masks.neurons)
     errors: list[dict[str, float]] = []
     for li, layer in enumerate(encoder.layers):
         if check is not None:
             check()
         kept_h, kept_n = masks.heads[li], masks.neurons[li]
-        # ---- attention sublayer
-        sums_t, contribs, base = [], [], []
-        for (_, bias, real), xt, xs in zip(items, teacher, student, strict=True):
-            q, k, v = layer.project_qkv(xt)
-            ctx_t, _ = layer.attend(q, k, v, bias)
-            sums_t.append(layer.o(ctx_t) + xt)
-            contribs.append(_head_contributions(layer, xs, bias, kept_h)[:, real])
-            base.append(xs[real] + layer.o.bias)
-        real_all = [real for _, _, real in items]
-        a = torch.cat(contribs, 1)  # [k, N, d]
-        sum_t = torch.cat([st[r] for st, r in zip(sums_t, real_all, strict=True)])
-        res = torch.cat(base)  # student residual + bias, [N, d]
-        out_t = layer.ln1(sum_t)
-        scales_h, err_before, err_after = _fit_scales(
-            len(kept_h),
-            lambda sc, a=a, res=res: torch.einsum("i,inh->nh", sc, a) + res,
-            lambda tau, lin, a=a: _head_system(a, tau, lin),
+        sub = _slice_layer(layer, kept_h, kept_n, None, None)
+        # ---- teacher, real tokens only
+        xt = torch.cat([h[r] for h, r in zip(teacher, real, strict=True)])
+        t1 = layer.ln1(layer.o(_context(layer, teacher, biases, real)) + xt)
+        t2 = layer.ln2(layer.fo(layer.act(layer.fi(t1))) + t1)
+        # ---- student attention: one contribution per kept head
+        xs = torch.cat([h[r] for h, r in zip(student, real, strict=True)])
+        n_tok, d = xs.shape
+        res = xs + layer.o.bias
+        k, dh = len(kept_h), layer.head_dim
+        if k:
+            ctx = _context(sub, student, biases, real).view(n_tok, k, dh)
+            contribs = torch.einsum("nkh,dkh->knd", ctx, sub.o.weight.view(d, k, dh))
+        else:
+            contribs = xs.new_zeros(0, n_tok, d)
+        flat = contribs.reshape(k, -1)
+        scales_h, err_before, err_after, x1 = _fit_scales(
+            k,
+            lambda sc, flat=flat, res=res: (sc @ flat).view(res.shape) + res,
+            lambda tau, lin, a=contribs: _head_system(a, tau, lin),
             layer.ln1,
-            out_t,
+            t1,
             damp,
             iters,
         )
-        del a, contribs
-        scale_vec = torch.zeros(layer.heads)
-        scale_vec[kept_h] = torch.as_tensor(scales_h).float()
-        h1_s, h1_t = [], []
-        for (_, bias, _real), xs, st in zip(items, student, sums_t, strict=True):
-            q, k, v = layer.project_qkv(xs)
-            ctx_s, _ = layer.attend(q, k, v, bias, scale_vec)
-            h1_s.append(layer.ln1(layer.o(ctx_s) + xs))
-            h1_t.append(layer.ln1(st))
-        # ---- FFN sublayer
-        sums2_t, acts, base = [], [], []
-        for real, hs, ht in zip(real_all, h1_s, h1_t, strict=True):
-            sums2_t.append(layer.fo(layer.act(layer.fi(ht))) + ht)
-            acts.append(layer.act(layer.fi(hs[real]))[:, kept_n])
-            base.append(hs[real] + layer.fo.bias)
-        act = torch.cat(acts)
-        w = layer.fo.weight[:, kept_n]
-        sum2_t = torch.cat([st[r] for st, r in zip(sums2_t, real_all, strict=True)])
-        res = torch.cat(base)
-        out_t = layer.ln2(sum2_t)
-        scales_n, ffn_before, ffn_after = _fit_scales(
+        del contribs, flat
+        h1 = layer.ln1(x1)
+        # ---- student FFN (kept neurons only)
+        act = sub.act(sub.fi(h1))
+        w = sub.fo.weight
+        res = h1 + layer.fo.bias
+        scales_n, ffn_before, ffn_after, x2 = _fit_scales(
             len(kept_n),
             lambda sc, act=act, w=w, res=res: (act * sc) @ w.T + res,
             lambda tau, lin, act=act, w=w: _neuron_system(act, w, tau, lin),
             layer.ln2,
-            out_t,
+            t2,
             damp,
             iters,
         )
@@ -462,11 +521,30 @@ def tune_masks(
         )
         tuned.head_scales.append(scales_h)
         tuned.neuron_scales.append(scales_n)
-        full = torch.zeros(layer.ffn)
-        full[kept_n] = torch.as_tensor(scales_n).float()
-        student = [layer.feed_forward(hs, full) for hs in h1_s]
-        teacher = [layer.ln2(st) for st in sums2_t]
-    return tuned, errors
+        teacher = _unflatten(t2, real)
+        student = _unflatten(layer.ln2(x2), real)
+
+    def pooled(hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [
+            F.normalize(mean_pool(h, mask), dim=-1)
+            for h, (_, mask) in zip(hidden, tensors, strict=True)
+        ]
+
+    return TuningRun(tuned, errors, batches, pooled(teacher), pooled(student))
+
+
+def tune_masks(
+    encoder: SlimEncoder,
+    masks: Masks,
+    calibration: Sequence[Batch],
+    damp: float = 1e-3,
+    max_tokens: int = 4096,
+    check: Callable[[], None] | None = None,
+    iters: int = 3,
+) -> tuple[Masks, list[dict[str, float]]]:
+    """``run_tuning``'s tuned masks and per-layer errors."""
+    run = run_tuning(encoder, masks, calibration, damp, max_tokens, check, iters)
+    return run.masks, run.errors
 
 
 def _slice_layer(
@@ -541,7 +619,11 @@ def calibration_cosine(
 
 @dataclass(frozen=True)
 class PruneConfig:
-    """Structured pruning settings."""
+    """Structured pruning settings.
+
+    ``max_tokens`` real calibration tokens are used for mask tuning (and the accept check),
+    with ``gn_steps`` Gauss-Newton steps per sublayer.
+    """
 
     flops_keep: float = 0.6
     seq_len: int = 128
@@ -550,6 +632,8 @@ class PruneConfig:
     damp: float = 1e-3
     seed: int = 0
     max_batches: int = 64
+    max_tokens: int = 4096
+    gn_steps: int = 3
 
     def __post_init__(self) -> None:
         if not 0.0 < self.flops_keep <= 1.0:
@@ -558,6 +642,14 @@ class PruneConfig:
             raise ValueError(f"seq_len must be >= 1, got {self.seq_len}")
         if self.damp < 0:
             raise ValueError(f"damp must be >= 0, got {self.damp}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.gn_steps < 0:
+            raise ValueError(f"gn_steps must be >= 0, got {self.gn_steps}")
+
+
+def _mean_cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return float(torch.cat([(x * y).sum(-1) for x, y in zip(a, b, strict=True)]).mean())
 
 
 def structured_prune(
@@ -571,6 +663,8 @@ def structured_prune(
     """Prune ``encoder`` to ``config.flops_keep`` of its FLOPs; returns (pruned copy, report).
 
     ``stats`` reuses mask gradients from ``fisher_gradients`` (e.g. for several budgets).
+    The tuned model is kept only if its calibration cosine (on the tuning tokens, against
+    the unpruned model) is at least the untuned one's. The report has per-stage seconds.
     """
     if not calibration:
         raise ValueError("structured pruning needs calibration batches")
@@ -584,14 +678,19 @@ def structured_prune(
         if progress is not None:
             progress(msg, frac)
 
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        timings[name] = now - since
+        return now
+
     say("fisher information of head/neuron masks", 0.0)
+    t0 = start
     if stats is None:
         stats = fisher_gradients(encoder, calibration, config.seed, check)
-        timings["fisher_s"] = time.perf_counter() - start
+        t0 = lap("fisher_s", t0)
     per_head = head_flops(spec.hidden, spec.head_dim, config.seq_len)
     per_neuron = neuron_flops(spec.hidden, config.seq_len)
     flops_before = encoder_flops(encoder, config.seq_len)
-    t0 = time.perf_counter()
     masks = search_masks(
         stats.head_importance,
         stats.neuron_importance,
@@ -599,29 +698,34 @@ def structured_prune(
         per_head,
         per_neuron,
     )
-    timings["search_s"] = time.perf_counter() - t0
+    t0 = lap("search_s", t0)
     rearr: dict[str, float] = {}
     if config.rearrange:
         say("mask rearrangement", 0.5)
-        t0 = time.perf_counter()
         masks, rearr = rearrange_masks(masks, stats)
-        timings["rearrange_s"] = time.perf_counter() - t0
+        t0 = lap("rearrange_s", t0)
     errors: list[dict[str, float]] = []
     pruned = apply_masks(encoder, masks)
-    ref = pooled_embeddings(encoder, _spread(calibration, 16))
-    fidelity = {"calibration_cosine_untuned": calibration_cosine(ref, pruned, calibration)}
+    fidelity: dict[str, Any] = {}
     if config.tune:
         say("mask tuning (least squares per layer)", 0.6)
-        t0 = time.perf_counter()
-        tuned, errors = tune_masks(encoder, masks, calibration, config.damp, check=check)
-        candidate = apply_masks(encoder, tuned)
-        fidelity["calibration_cosine_tuned"] = calibration_cosine(ref, candidate, calibration)
-        fidelity["tuning_kept"] = (
-            fidelity["calibration_cosine_tuned"] >= fidelity["calibration_cosine_untuned"]
+        run = run_tuning(
+            encoder, masks, calibration, config.damp, config.max_tokens, check, config.gn_steps
         )
+        errors = run.errors
+        t0 = lap("tune_s", t0)
+        untuned = _mean_cosine(run.teacher, pooled_embeddings(pruned, run.batches))
+        fidelity["calibration_cosine_untuned"] = untuned
+        fidelity["calibration_cosine_tuned"] = _mean_cosine(run.teacher, run.student)
+        fidelity["tuning_kept"] = fidelity["calibration_cosine_tuned"] >= untuned
         if fidelity["tuning_kept"]:
-            pruned = candidate
-        timings["tune_s"] = time.perf_counter() - t0
+            pruned = apply_masks(encoder, run.masks)
+    else:
+        batches = tuning_batches(calibration, config.max_tokens, spec.pad_token_id)
+        fidelity["calibration_cosine_untuned"] = _mean_cosine(
+            pooled_embeddings(encoder, batches), pooled_embeddings(pruned, batches)
+        )
+    lap("check_s", t0)
     timings["total_s"] = time.perf_counter() - start
     timings["cpu_s"] = time.process_time() - cpu_start
     say("pruned", 1.0)
