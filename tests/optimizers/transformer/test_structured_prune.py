@@ -17,11 +17,16 @@ from optimizers.transformer.flops import encoder_flops, head_flops, neuron_flops
 from optimizers.transformer.structured_prune import (
     Masks,
     PruneConfig,
+    _greedy_pruned_set,
+    _quadratic_loss,
     apply_masks,
     fisher_gradients,
+    repack,
+    run_tuning,
     search_masks,
     structured_prune,
     tune_masks,
+    tuning_batches,
 )
 from tests.optimizers.transformer.helpers import random_batches, tiny_encoder
 
@@ -210,3 +215,76 @@ def test_config_validation_names_the_field():
         PruneConfig(flops_keep=0.0)
     with pytest.raises(ValueError, match="calibration"):
         structured_prune(tiny_encoder(), [], PruneConfig())
+
+
+def _reference_greedy(grads: np.ndarray, n_prune: int) -> np.ndarray:
+    """The rearrangement written out directly (re-summing the pruned set's gradients)."""
+    order = np.argsort((grads**2).sum(0), kind="stable")
+    pruned = list(order[:n_prune])
+    for idx in order[n_prune:]:
+        pruned.append(int(idx))
+        losses = [
+            _quadratic_loss(grads, np.array(pruned[:j] + pruned[j + 1 :]))
+            for j in range(len(pruned))
+        ]
+        del pruned[int(np.argmin(losses))]
+    return np.sort(pruned)
+
+
+@pytest.mark.parametrize("n_prune", [1, 7, 15])
+def test_incremental_rearrangement_matches_direct_greedy(n_prune):
+    grads = np.random.default_rng(n_prune).normal(size=(12, 24))
+    got = _greedy_pruned_set(grads, n_prune)
+    np.testing.assert_array_equal(got, _reference_greedy(grads, n_prune))
+    diag = np.argsort((grads**2).sum(0), kind="stable")[:n_prune]
+    assert _quadratic_loss(grads, got) <= _quadratic_loss(grads, diag) + 1e-12
+
+
+def test_repack_keeps_every_example_with_less_padding(calibration):
+    packed = repack(calibration, batch_size=4)
+
+    def rows(batches):
+        return sorted(
+            tuple(ids[m.astype(bool)])
+            for b in batches
+            for ids, m in zip(b["input_ids"], b["attention_mask"], strict=True)
+        )
+
+    assert rows(packed) == rows(calibration)
+    assert sum(b["attention_mask"].size for b in packed) <= sum(
+        b["attention_mask"].size for b in calibration
+    )
+    lengths = [int(m.sum()) for b in packed for m in b["attention_mask"]]
+    assert lengths == sorted(lengths)
+    left = [{k: v[:, ::-1].copy() for k, v in b.items()} for b in calibration[:2]]
+    assert repack(left) == left  # left padding: positions would move, so left alone
+
+
+def test_fisher_gradients_do_not_depend_on_batching(encoder, calibration):
+    """Per-example gradients: the same with one example per batch as with padded batches."""
+    alone = fisher_gradients(encoder, calibration[:3], seed=2, batch_size=1)
+    batched = fisher_gradients(encoder, calibration[:3], seed=2, batch_size=6)
+    np.testing.assert_allclose(batched.head_grads, alone.head_grads, rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(batched.neuron_grads, alone.neuron_grads, rtol=1e-3, atol=1e-6)
+
+
+def test_tuning_token_budget_and_steps(encoder, calibration):
+    few = tuning_batches(calibration, max_tokens=40)
+    total = sum(int(b["attention_mask"].sum()) for b in calibration)
+    assert 40 <= sum(int(b["attention_mask"].sum()) for b in few) < total
+    masks = Masks(heads=[[0, 1, 3], [1, 2]], neurons=[list(range(0, 128, 2)), list(range(70))])
+    none = run_tuning(encoder, masks, calibration, iters=0)
+    for s in none.masks.head_scales + none.masks.neuron_scales:
+        np.testing.assert_array_equal(s, np.ones_like(s))
+    one = run_tuning(encoder, masks, calibration, iters=1)
+    assert any((np.abs(s - 1) > 1e-3).any() for s in one.masks.neuron_scales)
+    for e0, e1 in zip(none.errors, one.errors, strict=True):
+        assert e1["ffn_error_after"] < e0["ffn_error_after"]
+    # the student embeddings reported are the tuned model's own
+    tuned = apply_masks(encoder, one.masks)
+    for batch, got in zip(one.batches, one.student, strict=True):
+        ids = torch.as_tensor(batch["input_ids"])
+        mask = torch.as_tensor(batch["attention_mask"])
+        with torch.no_grad():
+            want = torch.nn.functional.normalize(mean_pool(tuned(ids, mask), mask), dim=-1)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
