@@ -9,7 +9,11 @@ speed measurements); ``--skip-cnn --budget 600`` is the MiniLM 10-minute target 
 MiniLM student: teacher layers 0, 3, 5, token embeddings frozen; loss 1 - cosine + normalized
 MSE of the mean-pooled embeddings plus the feature terms (each student layer's tokens against
 the teacher state it replaces, ``--layer-map skip``); AdamW, lr 1e-3, warm-up then cosine decay
-over the budget; torch threads = the cores the load average leaves free (``--threads -1``).
+over the budget; torch threads = the cores the rest of the machine leaves idle (``--threads -1``:
+a 0.5 s /proc/stat sample, so an idle 2-core machine trains on 2 threads). ``--augment K`` adds
+K augmented inputs per training sentence (spans, replaced tokens; teacher outputs cached),
+``--dropout`` trains with the student's dropout, ``--extra-docstrings N`` adds N sentences of
+the standard library's docstrings to the pass's data (the test sentences stay pydoc's).
 
 MiniLM: unlabeled text = sentences of CPython's bundled docs (``pydoc_data.topics``). A test
 set of sentences is set aside first; the pass sees only the rest (and holds out its own split
