@@ -118,7 +118,7 @@ def fisher_gradients(
     calibration: Sequence[Batch],
     seed: int = 0,
     check: Callable[[], None] | None = None,
-    batch_size: int = 16,
+    batch_size: int = 32,
 ) -> FisherStats:
     """Per-example gradients of ``r . normalize(pooled embedding)`` w.r.t. the masks.
 
@@ -444,7 +444,7 @@ def run_tuning(
     damp: float = 1e-3,
     max_tokens: int = 4096,
     check: Callable[[], None] | None = None,
-    iters: int = 3,
+    iters: int = 1,
 ) -> TuningRun:
     """Layer-wise least-squares scales for the kept heads and neurons (Kwon et al. step 3).
 
@@ -540,7 +540,7 @@ def tune_masks(
     damp: float = 1e-3,
     max_tokens: int = 4096,
     check: Callable[[], None] | None = None,
-    iters: int = 3,
+    iters: int = 1,
 ) -> tuple[Masks, list[dict[str, float]]]:
     """``run_tuning``'s tuned masks and per-layer errors."""
     run = run_tuning(encoder, masks, calibration, damp, max_tokens, check, iters)
@@ -633,7 +633,7 @@ class PruneConfig:
     seed: int = 0
     max_batches: int = 64
     max_tokens: int = 4096
-    gn_steps: int = 3
+    gn_steps: int = 1
 
     def __post_init__(self) -> None:
         if not 0.0 < self.flops_keep <= 1.0:
