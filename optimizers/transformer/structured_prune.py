@@ -119,6 +119,7 @@ def fisher_gradients(
     seed: int = 0,
     check: Callable[[], None] | None = None,
     batch_size: int = 32,
+    draws: int = 1,
 ) -> FisherStats:
     """Per-example gradients of ``r . normalize(pooled embedding)`` w.r.t. the masks.
 
@@ -126,7 +127,9 @@ def fisher_gradients(
     pass per batch yields one gradient per example; with ``r ~ N(0, I)`` drawn per example,
     ``E[g g^T] = J^T J``, the Gaussian Fisher of the embedding (the labels-free analogue of
     sampling labels from the model). Examples are first re-batched by length (``repack``)
-    so little time goes to padding. Rows of the result are examples.
+    so little time goes to padding. ``draws`` > 1 draws several ``r`` per example (one
+    forward, one backward each): more samples of ``J^T J``. Rows of the result are
+    (example, draw) pairs.
     """
     spec = encoder.spec
     n_layers = len(encoder.layers)
@@ -154,10 +157,13 @@ def fisher_gradients(
                     neuron_masks=list(neuron_mask.transpose(0, 1)),
                 )
                 emb = F.normalize(mean_pool(h, mask), dim=-1)
-                r = torch.randn(emb.shape, generator=gen)
-                g_h, g_n = torch.autograd.grad((emb * r).sum(), [head_mask, neuron_mask])
-                hg.append(g_h.numpy().copy())
-                ng.append(g_n[:, :, 0].numpy().copy())
+                for draw in range(draws):
+                    r = torch.randn(emb.shape, generator=gen)
+                    g_h, g_n = torch.autograd.grad(
+                        (emb * r).sum(), [head_mask, neuron_mask], retain_graph=draw < draws - 1
+                    )
+                    hg.append(g_h.numpy().copy())
+                    ng.append(g_n[:, :, 0].numpy().copy())
     finally:
         for p, flag in zip(encoder.parameters(), flags, strict=True):
             p.requires_grad_(flag)
@@ -634,6 +640,7 @@ class PruneConfig:
     max_batches: int = 64
     max_tokens: int = 4096
     gn_steps: int = 1
+    fisher_draws: int = 1
 
     def __post_init__(self) -> None:
         if not 0.0 < self.flops_keep <= 1.0:
@@ -644,6 +651,8 @@ class PruneConfig:
             raise ValueError(f"damp must be >= 0, got {self.damp}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.fisher_draws < 1:
+            raise ValueError(f"fisher_draws must be >= 1, got {self.fisher_draws}")
         if self.gn_steps < 0:
             raise ValueError(f"gn_steps must be >= 0, got {self.gn_steps}")
 
@@ -686,7 +695,9 @@ def structured_prune(
     say("fisher information of head/neuron masks", 0.0)
     t0 = start
     if stats is None:
-        stats = fisher_gradients(encoder, calibration, config.seed, check)
+        stats = fisher_gradients(
+            encoder, calibration, config.seed, check, draws=config.fisher_draws
+        )
         t0 = lap("fisher_s", t0)
     per_head = head_flops(spec.hidden, spec.head_dim, config.seq_len)
     per_neuron = neuron_flops(spec.hidden, config.seq_len)

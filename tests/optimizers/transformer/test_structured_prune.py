@@ -132,6 +132,9 @@ def test_fisher_gradients_are_deterministic_and_per_example(encoder, calibration
     np.testing.assert_array_equal(a.head_grads, b.head_grads)
     assert a.head_grads.shape == (12, 2, 4)  # one row per example (3 batches of 4)
     assert a.neuron_grads.shape == (12, 2, 128)
+    two = fisher_gradients(encoder, calibration[:3], seed=5, draws=2)
+    assert two.head_grads.shape == (24, 2, 4)  # one row per (example, draw)
+    assert not np.allclose(two.head_grads[0::2], two.head_grads[1::2])
     assert (a.head_importance > 0).all()
     # the model's own parameters are left as they were
     assert all(p.requires_grad for p in encoder.parameters())
@@ -213,6 +216,8 @@ def test_search_respects_budget_and_keeps_the_most_important():
 def test_config_validation_names_the_field():
     with pytest.raises(ValueError, match="flops_keep"):
         PruneConfig(flops_keep=0.0)
+    with pytest.raises(ValueError, match="fisher_draws"):
+        PruneConfig(fisher_draws=0)
     with pytest.raises(ValueError, match="calibration"):
         structured_prune(tiny_encoder(), [], PruneConfig())
 
