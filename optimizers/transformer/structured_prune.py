@@ -448,7 +448,7 @@ def run_tuning(
     masks: Masks,
     calibration: Sequence[Batch],
     damp: float = 1e-3,
-    max_tokens: int = 4096,
+    max_tokens: int = 8192,
     check: Callable[[], None] | None = None,
     iters: int = 1,
 ) -> TuningRun:
@@ -544,7 +544,7 @@ def tune_masks(
     masks: Masks,
     calibration: Sequence[Batch],
     damp: float = 1e-3,
-    max_tokens: int = 4096,
+    max_tokens: int = 8192,
     check: Callable[[], None] | None = None,
     iters: int = 1,
 ) -> tuple[Masks, list[dict[str, float]]]:
@@ -638,7 +638,7 @@ class PruneConfig:
     damp: float = 1e-3
     seed: int = 0
     max_batches: int = 64
-    max_tokens: int = 4096
+    max_tokens: int = 8192
     gn_steps: int = 1
     fisher_draws: int = 1
 
