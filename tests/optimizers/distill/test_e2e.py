@@ -49,6 +49,9 @@ def upload_and_serve(
         "max_accuracy_drop": 0.05,
         "time_budget_s": 240,
         "allow": ["distill"],
+        # the student must be served even when a loaded machine times it no faster than the
+        # teacher (the search would otherwise keep the baseline): this test is about the flow
+        "require": ["distill"],
     }
     response = httpx.post(
         f"{server.url}/v2/optimize",
