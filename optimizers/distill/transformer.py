@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from optimizers.distill.data import Split
+from optimizers.transformer.data import right_pad
 
 
 def encoder_layers(model: nn.Module) -> tuple[nn.Module, str]:
@@ -129,13 +130,8 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def pad(sequences: Sequence[np.ndarray], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad token id sequences into ``input_ids`` and ``attention_mask`` tensors."""
-    length = max(len(s) for s in sequences)
-    ids = np.full((len(sequences), length), pad_id, dtype=np.int64)
-    mask = np.zeros((len(sequences), length), dtype=np.int64)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = seq
-        mask[row, : len(seq)] = 1
-    return torch.from_numpy(ids), torch.from_numpy(mask)
+    batch = right_pad(sequences, pad_id)
+    return torch.from_numpy(batch["input_ids"]), torch.from_numpy(batch["attention_mask"])
 
 
 def tokenize(texts: Sequence[str], tokenizer: Any, max_len: int) -> list[np.ndarray]:

@@ -61,6 +61,17 @@ def tokenize(tokenizer: Any, texts: Sequence[str], max_len: int, pad_to_max: boo
     }
 
 
+def right_pad(sequences: Sequence[np.ndarray], pad_id: int = 0) -> Batch:
+    """Token id rows right-padded to the longest: ``input_ids`` and ``attention_mask`` (int64)."""
+    width = max(len(s) for s in sequences)
+    ids = np.full((len(sequences), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(sequences), width), dtype=np.int64)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = seq
+        mask[row, : len(seq)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
 def batches(tokenizer: Any, texts: Sequence[str], batch_size: int, max_len: int) -> list[Batch]:
     """``texts`` tokenized in batches of ``batch_size`` (each padded to its longest)."""
     return [

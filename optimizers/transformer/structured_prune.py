@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from optimizers.transformer.data import right_pad
 from optimizers.transformer.encoder import (
     SlimEncoder,
     SlimLayer,
@@ -89,17 +90,10 @@ def _examples(calibration: Sequence[Batch]) -> list[np.ndarray] | None:
 def _pack(examples: Sequence[np.ndarray], batch_size: int, pad_id: int) -> list[Batch]:
     """Right-padded batches of ``examples`` (token id rows), sorted by length."""
     order = sorted(range(len(examples)), key=lambda i: (len(examples[i]), i))
-    out = []
-    for start in range(0, len(order), batch_size):
-        group = [examples[i] for i in order[start : start + batch_size]]
-        width = max(len(g) for g in group)
-        ids = np.full((len(group), width), pad_id, dtype=np.int64)
-        mask = np.zeros((len(group), width), dtype=np.int64)
-        for row, g in enumerate(group):
-            ids[row, : len(g)] = g
-            mask[row, : len(g)] = 1
-        out.append({"input_ids": ids, "attention_mask": mask})
-    return out
+    return [
+        right_pad([examples[i] for i in order[start : start + batch_size]], pad_id)
+        for start in range(0, len(order), batch_size)
+    ]
 
 
 def repack(calibration: Sequence[Batch], batch_size: int = 16, pad_id: int = 0) -> list[Batch]:
