@@ -597,26 +597,6 @@ def pooled_embeddings(model: SlimEncoder, calibration: Sequence[Batch]) -> list[
     return out
 
 
-def calibration_cosine(
-    reference: SlimEncoder | list[torch.Tensor],
-    model: SlimEncoder,
-    calibration: Sequence[Batch],
-    max_batches: int = 16,
-) -> float:
-    """Mean cosine of mean-pooled embeddings of ``model`` vs ``reference``.
-
-    ``reference`` is an encoder or its ``pooled_embeddings`` on the same batches.
-    """
-    batches = _spread(calibration, max_batches)
-    ref = (
-        reference[: len(batches)]
-        if isinstance(reference, list)
-        else pooled_embeddings(reference, batches)
-    )
-    got = pooled_embeddings(model, batches)
-    return float(torch.cat([(a * b).sum(-1) for a, b in zip(ref, got, strict=True)]).mean())
-
-
 @dataclass(frozen=True)
 class PruneConfig:
     """Structured pruning settings.
