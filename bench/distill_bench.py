@@ -127,6 +127,8 @@ def minilm(args: argparse.Namespace, workdir: Path) -> dict:
         max_seq_len=args.max_len,
         threads=args.threads,
         dropout=args.dropout,
+        precision=args.precision,
+        max_steps=args.max_steps,
         **({} if args.augment is None else {"augment": args.augment}),
     )
     start = time.monotonic()
@@ -200,6 +202,7 @@ def minilm(args: argparse.Namespace, workdir: Path) -> dict:
         "loss": report["loss"],
         "torch_threads": report["torch_threads"],
         "dropout": report["dropout"],
+        "precision": report["precision"],
         "augment": distill.config.augment,
         "load_average_1min_during_pass": {
             "median": float(np.median(pass_load)) if pass_load else None,
@@ -307,6 +310,13 @@ def main() -> None:
         "--augment", type=float, default=None, help="augmented inputs per training sentence"
     )
     parser.add_argument("--dropout", action="store_true", help="student dropout while training")
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="student training arithmetic (auto: bf16 autocast where the CPU has AMX)",
+    )
+    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
     parser.add_argument(
         "--extra-docstrings",
         type=int,

@@ -137,6 +137,7 @@ class Distill(Pass):
             raise PassNotApplicable(f"the student would keep all {n_layers} layers")
         student = tr.build_layer_student(teacher, keep, cfg.ffn_fraction)
         tr.freeze_embeddings(student)
+        autocast = tr.resolve_precision(cfg.precision)
         torch.manual_seed(cfg.seed)
         ctx.report_progress("distill: caching the teacher's outputs", 0.0)
         layer_map = (
@@ -151,21 +152,23 @@ class Distill(Pass):
             hidden_weight=cfg.hidden_weight,
             layer_map=layer_map,
             dropout=cfg.dropout,
+            autocast=autocast,
         )
         cache_s = time.monotonic() - started
-        log = train(
-            task,
-            lr=cfg.learning_rate(artifact.family),
-            weight_decay=cfg.weight_decay,
-            warmup_steps=cfg.warmup_steps,
-            eval_every=cfg.eval_every,
-            patience=cfg.patience,
-            budget_s=_training_budget(cfg, ctx, started),
-            max_steps=cfg.max_steps,
-            seed=cfg.seed,
-            check_cancelled=ctx.check_cancelled,
-            progress=_progress(ctx, "cosine"),
-        )
+        with tr.attention_implementation(student, "eager" if autocast else None):
+            log = train(
+                task,
+                lr=cfg.learning_rate(artifact.family),
+                weight_decay=cfg.weight_decay,
+                warmup_steps=cfg.warmup_steps,
+                eval_every=cfg.eval_every,
+                patience=cfg.patience,
+                budget_s=_training_budget(cfg, ctx, started),
+                max_steps=cfg.max_steps,
+                seed=cfg.seed,
+                check_cancelled=ctx.check_cancelled,
+                progress=_progress(ctx, "cosine"),
+            )
         meta = {k: v for k, v in artifact.meta.items() if k != "output_name"}
         exporter = meta.get("exporter") if meta.get("exporter") in ("dynamo", "legacy") else "auto"
         own = dataclasses.replace(ctx, workdir=ctx.scratch("distill"))  # never the teacher's
@@ -197,6 +200,7 @@ class Distill(Pass):
                 "teacher_states": list(layer_map or [n_layers]) if cfg.hidden_weight else [],
             },
             "dropout": cfg.dropout,
+            "precision": "bf16" if autocast else "fp32",
             "torch_threads": torch.get_num_threads(),
             "data": {
                 "train": len(split.train),

@@ -194,6 +194,58 @@ def test_augmented_inputs_get_their_own_cached_teacher_outputs(teacher_dir, text
 
 
 @pytest.mark.slow
+def test_precision_choice():
+    assert tr.resolve_precision("fp32") is None
+    assert tr.resolve_precision("bf16") is torch.bfloat16
+    assert tr.resolve_precision("auto") is (torch.bfloat16 if tr.fast_bf16_matmul() else None)
+
+
+def test_eager_attention_is_switched_in_and_restored(teacher_dir, texts):
+    from transformers import AutoTokenizer
+
+    model = load_hf_checkpoint(teacher_dir).artifact.torch_model.eval()
+    sequences = tr.tokenize(texts[:8], AutoTokenizer.from_pretrained(str(teacher_dir)), 32)
+    ids, mask = tr.pad(sequences)
+    before = model.config._attn_implementation
+    with torch.no_grad():
+        reference = tr.last_hidden(model, ids, mask)
+        with tr.attention_implementation(model, "eager"):
+            assert model.config._attn_implementation == "eager"
+            eager = tr.last_hidden(model, ids, mask)
+    assert model.config._attn_implementation == before
+    torch.testing.assert_close(eager, reference, atol=1e-5, rtol=1e-4)  # the same function
+
+
+def test_bf16_autocast_runs_the_student_in_bfloat16_with_float32_weights(teacher_dir, texts):
+    from transformers import AutoTokenizer
+
+    teacher = load_hf_checkpoint(teacher_dir).artifact.torch_model
+    sequences = tr.tokenize(texts[:96], AutoTokenizer.from_pretrained(str(teacher_dir)), 32)
+    split = split_holdout(len(sequences), fraction=0.2, min_holdout=16, min_train=64)
+    student = tr.build_layer_student(teacher, (0, 2))
+    kwargs = {"hidden_weight": 1.0, "layer_map": (2, 4)}
+    fp32 = tr.EmbeddingDistillTask(teacher, student, sequences, split, **kwargs)
+    bf16 = tr.EmbeddingDistillTask(
+        teacher, student, sequences, split, autocast=torch.bfloat16, **kwargs
+    )
+    seen: list[torch.dtype] = []
+    dense = student.encoder.layer[0].output.dense
+    hook = dense.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    batch = split.train[:16]
+    with tr.attention_implementation(student, "eager"):
+        low = bf16.loss(batch)
+    full = fp32.loss(batch)
+    hook.remove()
+    assert seen == [torch.bfloat16, torch.float32]
+    assert low.dtype == torch.float32
+    assert low.item() == pytest.approx(full.item(), rel=0.05)  # same loss, bf16 rounding
+    low.backward()
+    assert dense.weight.dtype == torch.float32
+    assert dense.weight.grad is not None
+    assert dense.weight.grad.dtype == torch.float32
+    assert dense.weight.grad.abs().sum() > 0
+
+
 def test_pass_exports_a_smaller_student(teacher_dir, texts, tmp_path):
     loaded = load_hf_checkpoint(teacher_dir)
     meta = dict(loaded.artifact.meta)
@@ -215,6 +267,7 @@ def test_pass_exports_a_smaller_student(teacher_dir, texts, tmp_path):
     assert report["student"]["encoder_flops"] == report["teacher"]["encoder_flops"] // 2
     assert report["training"]["best_fidelity"] > report["training"]["initial_fidelity"]
     assert report["data"] == {"train": 340 + 170, "held_out": 60, "augmented": 170}
+    assert report["precision"] == ("bf16" if tr.fast_bf16_matmul() else "fp32")
     assert Path(report["plot"]).is_file()
     assert report["speed"]["speedup"] > 0
     session = ort.InferenceSession(str(result.artifact.onnx_path))
