@@ -48,6 +48,9 @@ class DistillConfig:
     patience: int = 6
     time_budget_s: float = 600.0
     budget_share: float = 0.6
+    finish_reserve_s: float = 30.0
+    """Seconds of ``time_budget_s`` (at most 10% of it) kept back from training for the export,
+    plot and speed measurement that follow, so the whole pass fits its budget."""
     holdout_fraction: float = 0.15
     min_holdout: int = 16
     min_train: int = 64
@@ -96,6 +99,7 @@ class DistillConfig:
             (self.patience >= 1, "patience must be >= 1"),
             (self.time_budget_s > 0, "time_budget_s must be > 0"),
             (0.0 < self.budget_share <= 1.0, "budget_share must be in (0, 1]"),
+            (self.finish_reserve_s >= 0, "finish_reserve_s must be >= 0"),
             (0.0 < self.holdout_fraction < 1.0, "holdout_fraction must be in (0, 1)"),
             (self.min_holdout >= 1, "min_holdout must be >= 1"),
             (self.min_train >= 1, "min_train must be >= 1"),

@@ -24,9 +24,17 @@ from optimizers.passes.base import Artifact, Pass, PassContext, PassNotApplicabl
 from optimizers.registry import register_chains, register_pass
 
 
+def finish_reserve(config: DistillConfig) -> float:
+    """Seconds of the pass's budget kept back from training for what follows it (ONNX export,
+    the curve plot, the speed measurement: ~15-20 s for MiniLM), so the whole pass, not only
+    its training loop, fits ``time_budget_s``."""
+    return min(config.finish_reserve_s, 0.1 * config.time_budget_s)
+
+
 def _training_budget(config: DistillConfig, ctx: PassContext, started: float) -> float:
-    """Seconds left for training: the pass's own budget, capped by a share of the job's."""
-    budget = config.time_budget_s - (time.monotonic() - started)
+    """Seconds left for training: the pass's own budget less the finishing reserve, capped by a
+    share of the job's."""
+    budget = config.time_budget_s - finish_reserve(config) - (time.monotonic() - started)
     if ctx.deadline is not None:
         budget = min(budget, config.budget_share * (ctx.deadline - time.monotonic()))
     if budget <= 1.0:
@@ -211,7 +219,7 @@ class Distill(Pass):
             "training": log.as_dict(),
             "export": exported.report,
         }
-        return self._finish(artifact, out, report, log, ctx, out_dir, "cosine")
+        return self._finish(artifact, out, report, log, ctx, out_dir, "cosine", started)
 
     # -- CNNs / MLPs ---------------------------------------------------------------------
     def _cnn(self, artifact: Artifact, ctx: PassContext) -> PassResult:
@@ -292,7 +300,9 @@ class Distill(Pass):
             "training": log.as_dict(),
         }
         feeds = {input_names[0]: np.resize(inputs, (ctx.batch_size, *inputs.shape[1:]))}
-        return self._finish(artifact, out, report, log, ctx, out_dir, "top-1 agreement", feeds)
+        return self._finish(
+            artifact, out, report, log, ctx, out_dir, "top-1 agreement", started, feeds
+        )
 
     def _finish(
         self,
@@ -303,6 +313,7 @@ class Distill(Pass):
         ctx: PassContext,
         out_dir: Path,
         metric: str,
+        started: float,
         feeds: dict[str, np.ndarray] | None = None,
     ) -> PassResult:
         from optimizers.distill.report import plot_curve, speed_vs_teacher
@@ -325,6 +336,8 @@ class Distill(Pass):
 
             feeds = transformer_example(teacher.meta, ctx.batch_size, ctx.seq_len, seed=7)
         report["speed"] = speed_vs_teacher(teacher.onnx_path, student.onnx_path, feeds, ctx.target)
+        report["pass_seconds"] = round(time.monotonic() - started, 2)
+        report["time_budget_s"] = self.config.time_budget_s
         return PassResult(student, True, report)
 
 

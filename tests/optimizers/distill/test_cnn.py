@@ -111,3 +111,25 @@ def test_cancel_stops_training_promptly(digits_onnx, digits_split, tmp_path):
     with pytest.raises(Cancelled):
         distill.run(Artifact("onnx", "cnn", onnx_path=digits_onnx), ctx)
     assert time.monotonic() - start < 60
+
+
+def test_time_budget_keeps_a_reserve_for_export_and_measurement(
+    digits_onnx, digits_split, tmp_path
+):
+    from optimizers.distill.config import DistillConfig
+    from optimizers.distill.passes import finish_reserve
+
+    assert finish_reserve(DistillConfig(time_budget_s=600)) == 30.0
+    assert finish_reserve(DistillConfig(time_budget_s=10)) == pytest.approx(1.0)
+    assert finish_reserve(DistillConfig(time_budget_s=600, finish_reserve_s=0)) == 0.0
+    distill = get_pass("distill", time_budget_s=10, eval_every=20, batch_size=64, patience=10_000)
+    result = distill.run(
+        Artifact("onnx", "cnn", onnx_path=digits_onnx), _ctx(tmp_path, digits_split[0])
+    )
+    report = result.report
+    assert report["training"]["stop_reason"] == "time_budget"
+    # training stopped at the budget less the 1 s reserve (plus at most one step and the
+    # final evaluation); the pass then reports its whole duration
+    assert report["training"]["training_seconds"] < 9.5
+    assert report["pass_seconds"] >= report["training"]["training_seconds"]
+    assert report["time_budget_s"] == 10
