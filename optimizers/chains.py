@@ -15,6 +15,8 @@ Step = tuple[str, dict[str, Any]]
 _FUSE = ("ort_transformer_optimize", {})
 _GRAPH = ("ort_graph_optimize", {})
 _DYN = ("quantize_dynamic", {})
+# SkipLayerNorm/BiasGelu back to faster standard ops for ORT's CPU kernels (see cpu_kernels.py)
+_UNFUSE = ("cpu_unfuse", {})
 _STATIC = ("quantize_static", {})
 _STATIC_PCT = ("quantize_static", {"calibrate_method": "percentile"})
 _STATIC_ENT = ("quantize_static", {"calibrate_method": "entropy"})
@@ -28,6 +30,7 @@ DEFAULT_CHAINS: dict[str, dict[str, list[list[Step]]]] = {
             [_FUSE],
             [_DYN],
             [_FUSE, _DYN],
+            [_FUSE, _UNFUSE, _DYN],
             [_FUSE, _STATIC],
             [_FUSE, _FP16],
             [_LOWRANK],

@@ -173,19 +173,23 @@ register_chains(
         ["token_prune", "ort_transformer_optimize", "quantize_dynamic"],
         [("struct_prune", {"flops_keep": 0.8}), "ort_transformer_optimize", "quantize_dynamic"],
         # the combined candidates (issue 4): mild structured pruning, then token pruning; every
-        # prefix (struct alone, struct + tokens, + fusion) is measured as a candidate too
+        # prefix (struct alone, struct + tokens, + fusion, + unfusing the ops slow on ORT's
+        # CPU provider) is measured as a candidate too
         [
             ("struct_prune", {"flops_keep": 0.9}),
             "token_prune",
             "ort_transformer_optimize",
+            "cpu_unfuse",
             "quantize_dynamic",
         ],
         [
             ("struct_prune", {"flops_keep": 0.8}),
             "token_prune",
             "ort_transformer_optimize",
+            "cpu_unfuse",
             "quantize_dynamic",
         ],
+        ["token_prune", "ort_transformer_optimize", "cpu_unfuse", "quantize_dynamic"],
         ["pack_padding", "quantize_dynamic"],
     ],
 )
