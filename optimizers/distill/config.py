@@ -45,6 +45,9 @@ class DistillConfig:
     batch_size: int = 32
     max_steps: int | None = None
     eval_every: int = 25
+    max_eval_share: float | None = 0.05
+    """Most of the training time held-out evaluations may take (None: evaluate every
+    ``eval_every`` steps regardless); an evaluation waits while they have taken more."""
     patience: int = 6
     time_budget_s: float = 600.0
     budget_share: float = 0.6
@@ -96,6 +99,10 @@ class DistillConfig:
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1"),
             (self.eval_every >= 1, "eval_every must be >= 1"),
+            (
+                self.max_eval_share is None or 0 < self.max_eval_share <= 1,
+                "max_eval_share must be in (0, 1] or None",
+            ),
             (self.patience >= 1, "patience must be >= 1"),
             (self.time_budget_s > 0, "time_budget_s must be > 0"),
             (0.0 < self.budget_share <= 1.0, "budget_share must be in (0, 1]"),

@@ -176,6 +176,7 @@ class Distill(Pass):
                 seed=cfg.seed,
                 check_cancelled=ctx.check_cancelled,
                 progress=_progress(ctx, "cosine"),
+                max_eval_share=cfg.max_eval_share,
             )
         meta = {k: v for k, v in artifact.meta.items() if k != "output_name"}
         exporter = meta.get("exporter") if meta.get("exporter") in ("dynamo", "legacy") else "auto"
@@ -277,6 +278,7 @@ class Distill(Pass):
             seed=cfg.seed,
             check_cancelled=ctx.check_cancelled,
             progress=_progress(ctx, "top-1 agreement"),
+            max_eval_share=cfg.max_eval_share,
         )
         out_dir = ctx.scratch("distill")
         trained = student.to_onnx()

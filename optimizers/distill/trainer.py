@@ -141,6 +141,16 @@ def lr_factor(step: int, warmup: int, progress: float) -> float:
     return warm * (0.1 + 0.45 * (1.0 + math.cos(math.pi * min(1.0, progress))))
 
 
+def adamw(params: list[torch.nn.Parameter], **kwargs: float) -> torch.optim.AdamW:
+    """AdamW with PyTorch's fused CPU kernel where this build has it: one pass over every
+    parameter instead of a chain of elementwise ops per tensor (MiniLM's 3-layer student,
+    5.5 M trainable parameters: 17 ms per step instead of 90-109 ms, one thread)."""
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(params, **kwargs)
+
+
 def train(
     task: DistillTask,
     *,
@@ -154,18 +164,22 @@ def train(
     seed: int = 0,
     check_cancelled: Callable[[], None] = lambda: None,
     progress: Callable[[dict[str, Any]], None] | None = None,
+    max_eval_share: float | None = None,
 ) -> TrainingLog:
     """Train ``task.student`` until ``max_steps``, the time budget, or early stopping.
 
     Evaluates before the first step (the untrained student) and every ``eval_every`` steps;
-    the student ends with the weights of its best held-out evaluation (the latest of equals).
+    with ``max_eval_share`` an evaluation waits (a step at a time) while held-out evaluations
+    have taken more than that share of the training time, so a fast student's budget goes to
+    training steps. The student ends with the weights of its best held-out evaluation (the
+    latest of equals).
     ``check_cancelled`` is called every step and may raise (``Cancelled``) to abort.
     """
     log = TrainingLog()
     start = time.monotonic()
     student = task.student
     params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = adamw(params, lr=lr, weight_decay=weight_decay)
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
 
@@ -180,7 +194,9 @@ def train(
     log.initial_fidelity = log.best_fidelity = evaluate(0)
     best_state = copy.deepcopy(student.state_dict())
     evals_since_best = 0
-    step = 0
+    step = last_eval = 0
+    eval_seconds = 0.0  # after the untrained student's evaluation
+    training_start = time.monotonic()
     while not log.stop_reason:
         log.stop_reason = "no_training_batches"  # replaced as soon as an epoch yields a batch
         for batch in task.epoch(rng):
@@ -204,8 +220,14 @@ def train(
             optimizer.step()
             step += 1
             log.losses.append(loss.item())
-            if step % eval_every == 0:
+            due = step - last_eval >= eval_every
+            if due and max_eval_share is not None:
+                due = eval_seconds <= max_eval_share * (time.monotonic() - training_start)
+            if due:
+                eval_start = time.monotonic()
                 fidelity = evaluate(step)
+                eval_seconds += time.monotonic() - eval_start
+                last_eval = step
                 # patience counts evaluations without a strict improvement; a tie still moves
                 # the best to the longer-trained student (agreement saturates on small splits)
                 evals_since_best = 0 if fidelity > log.best_fidelity else evals_since_best + 1
