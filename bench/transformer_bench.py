@@ -10,6 +10,9 @@ Sections (each variant timed in interleaved rounds; medians):
   combined batch 8 / seq 128: PyTorch eager FP32 vs every candidate (struct 0.9/0.8 ->
            token pruning -> ORT fusion -> dynamic INT8, and subsets) at 2 and 1 threads; trade-off
            table and a speed-vs-cosine plot next to the JSON (<out>_combined.png)
+  int8     batch 8 / seq 128: PyTorch eager FP32 (SDPA, and eager attention) vs fused FP32 and
+           every INT8 route (dynamic, + cpu_unfuse, packed, MatMulNBits 8-bit, static QDQ) at 2
+           and 1 threads, plus per-op-type profiles of the best; writes its table to RESULTS.md
 Fidelity = cosine of mean-pooled embeddings vs. the original model on held-out text.
 """
 
@@ -585,6 +588,219 @@ def combined_section(
     return result
 
 
+INT8_MARKS = ("<!-- transformer_int8:start -->", "<!-- transformer_int8:end -->")
+
+
+def pipeline_pass(name: str, src: Path, workdir: Path, calibration=None, **config) -> Path:
+    """Run one registered pipeline pass on an ONNX file (the pipeline's own code path);
+    ``workdir`` must be unique per call (the pass writes ``model.onnx`` there)."""
+    from optimizers.passes.base import Artifact, PassContext
+    from optimizers.registry import get_pass
+
+    artifact = Artifact("onnx", "transformer", onnx_path=src, meta={})
+    ctx = PassContext(workdir=workdir, calibration={"inputs": calibration or []})
+    return get_pass(name, **config).run(artifact, ctx).artifact.onnx_path
+
+
+def matmul_nbits(src: Path, dst: Path, bits: int = 8, block_size: int = 32) -> Path:
+    """ORT's MatMulNBits (blockwise weights, ``accuracy_level=4``: int8 compute) on every
+    MatMul with a constant weight."""
+    import logging
+
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger().setLevel(logging.ERROR)
+    quantizer = MatMulNBitsQuantizer(
+        onnx.load(str(src)),
+        bits=bits,
+        block_size=block_size,
+        is_symmetric=True,
+        accuracy_level=4,
+    )
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
+    return dst
+
+
+def op_profile(path: Path, batch: dict, threads: int, runs: int = 5) -> dict[str, float]:
+    """Median ms of a profiled run and kernel ms per run of each op type (ORT profiler,
+    ORT_ENABLE_ALL, after 2 warm-up runs)."""
+    import collections
+
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(path.with_suffix("")) + f"_prof{threads}"
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    for _ in range(2 + runs):
+        session.run(None, feeds(session, batch))
+    events = json.loads(Path(session.end_profiling()).read_text())
+    per_op: dict[str, float] = collections.defaultdict(float)
+    model_runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
+    start = model_runs[2]["ts"]  # after the warm-ups
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= start:
+            per_op[e["args"]["op_name"]] += e["dur"]
+    # per op type: kernel ms per run; nested ops (If/Loop bodies) are counted in their parent
+    # op too, so the rows do not add up to the run time when If/Loop appear
+    ops = {k: v / runs / 1000 for k, v in sorted(per_op.items(), key=lambda kv: -kv[1])}
+    return {"model_run_ms": statistics.median(e["dur"] for e in model_runs[2:]) / 1000, **ops}
+
+
+def int8_section(
+    hf,
+    folder: Path,
+    tok,
+    work: Path,
+    texts: dict,
+    rounds: int,
+    runs: int,
+    results_md: Path | None,
+) -> dict:
+    """Every INT8 route side by side at batch 8 / seq 128, vs PyTorch eager FP32 with its
+    default (SDPA) attention and with eager attention, at 2 and 1 threads; held-out cosine."""
+    import datetime
+
+    from transformers import AutoModel
+
+    from optimizers.transformer.hf import from_hf
+
+    log("== INT8 routes, batch 8 / seq 128")
+    sdpa = AutoModel.from_pretrained(str(folder), use_safetensors=True).eval()
+    b = tokenize(tok, texts["held_pass"][:8], 128, pad_to_max=True)
+    tb = {k: torch.as_tensor(v) for k, v in b.items()}
+    cal = batches(tok, texts["cal_pass"], 8, 128) + batches(tok, texts["cal_sent"], 32, 128)
+    fid_batches = batches(tok, texts["held_pass"], 8, 128) + batches(
+        tok, texts["held_sent"], 32, 128
+    )
+    t0 = time.perf_counter()
+    fused = export_hf_fused(hf, work)
+    raw = work / "hf_padded.onnx"
+    unfused = pipeline_pass("cpu_unfuse", fused, work / "unfuse")
+    unfused_att = pipeline_pass("cpu_unfuse", fused, work / "unfuse_att", attention=True)
+    packed = export_onnx(PackedEncoder(from_hf(hf)), work / "packed.onnx")
+    paths: dict[str, Path] = {
+        "fused fp32": fused,
+        "fused + cpu_unfuse fp32": unfused,
+        "fused + int8 dynamic (before)": pipeline_pass("quantize_dynamic", fused, work / "q0"),
+        "fused + cpu_unfuse + int8": pipeline_pass("quantize_dynamic", unfused, work / "q1"),
+        "fused + cpu_unfuse(attention) + int8": pipeline_pass(
+            "quantize_dynamic", unfused_att, work / "q2"
+        ),
+        "packed + int8": pipeline_pass("quantize_dynamic", packed, work / "q3"),
+        "fused + cpu_unfuse(attention) + MatMulNBits 8-bit b32 acc4": matmul_nbits(
+            unfused_att, work / "nbits8.onnx"
+        ),
+        "static QDQ u8s8 per-channel (minmax)": pipeline_pass(
+            "quantize_static", raw, work / "qs", calibration=cal, calibration_batches=8
+        ),
+    }
+    assert len(set(paths.values())) == len(paths), "two routes share one file"
+    build_s = time.perf_counter() - t0
+    with torch.no_grad():
+        refs = [
+            mean_pool(
+                hf(**{k: torch.as_tensor(v) for k, v in x.items()}).last_hidden_state,
+                torch.as_tensor(x["attention_mask"]),
+            ).numpy()
+            for x in fid_batches
+        ]
+    fidelity = {}
+    for name, path in paths.items():
+        s = ort_session(path, threads=2)
+        held = np.concatenate(
+            [cosine(r, pooled_ort(s, x)) for r, x in zip(refs, fid_batches, strict=True)]
+        )
+        fidelity[name] = {"cosine_mean": float(held.mean()), "cosine_min": float(held.min())}
+        log(f"{name:<58} held cosine {held.mean():.4f} (min {held.min():.4f})")
+    eager_names = ("pytorch eager fp32 (sdpa)", "pytorch eager fp32 (eager attention)")
+    result: dict = {"build_s": build_s, "fidelity": fidelity, "threads": {}}
+    for threads in (2, 1):
+        torch.set_num_threads(threads)
+        sessions = {k: ort_session(p, threads=threads) for k, p in paths.items()}
+
+        def eager(model):
+            def run():
+                with torch.no_grad():
+                    model(**tb)
+
+            return run
+
+        fns = {eager_names[0]: eager(sdpa), eager_names[1]: eager(hf)}
+        fns.update({k: (lambda s=s: s.run(None, feeds(s, b))) for k, s in sessions.items()})
+        load0 = os.getloadavg()
+        ms = timed(fns, rounds, runs)
+        result["threads"][threads] = {"ms": ms, "load_avg": [load0, os.getloadavg()]}
+        log(f"-- {threads} thread(s), load {load0[0]:.2f} -> {os.getloadavg()[0]:.2f}")
+        for k, v in ms.items():
+            log(f"{k:<58} {v:8.1f} ms  {ms[eager_names[0]] / v:5.2f}x vs eager (sdpa)")
+    ok = [k for k in paths if fidelity[k]["cosine_mean"] >= 0.99]
+    best = min(ok, key=lambda k: result["threads"][2]["ms"][k]) if ok else None
+    result["best_at_0.99"] = best
+    profiles = {}
+    for name in dict.fromkeys([best, "fused + int8 dynamic (before)"]):
+        if name:
+            profiles[name] = {t: op_profile(paths[name], b, t) for t in (1, 2)}
+    result["op_profiles_ms"] = profiles
+    result["date_utc"] = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M")
+    if results_md is not None:
+        write_int8_table(results_md, result, eager_names)
+    return result
+
+
+def write_int8_table(path: Path, result: dict, eager_names: tuple[str, str]) -> None:
+    """The section's tables between the INT8 markers of RESULTS.md (added when missing)."""
+    t2, t1 = result["threads"][2], result["threads"][1]
+    lines = [
+        INT8_MARKS[0],
+        f"Run {result['date_utc']} UTC; load average {t2['load_avg'][0][0]:.2f} -> "
+        f"{t1['load_avg'][1][0]:.2f} over the timed part. Speed-ups are against PyTorch eager "
+        "FP32 with its default SDPA attention at the same thread count (eager attention in "
+        "brackets); medians of interleaved rounds.",
+        "",
+        "| candidate | 2 threads ms | speed-up | 1 thread ms | speed-up | held cosine (min) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in [*eager_names, *result["fidelity"]]:
+        fid = result["fidelity"].get(name)
+        cos = f"{fid['cosine_mean']:.4f} ({fid['cosine_min']:.3f})" if fid else "1 (reference)"
+        cells = []
+        for res in (t2, t1):
+            ms = res["ms"][name]
+            cells += [
+                f"{ms:.1f}",
+                f"{res['ms'][eager_names[0]] / ms:.2f}x ({res['ms'][eager_names[1]] / ms:.2f}x)",
+            ]
+        label = f"**{name}**" if name == result["best_at_0.99"] else name
+        lines.append(f"| {label} | {' | '.join(cells)} | {cos} |")
+    for name, prof in result["op_profiles_ms"].items():
+        lines += [
+            "",
+            f"Time per op type, {name} (ORT profiler, kernel ms per run; the first row is "
+            "the median profiled run):",
+            "",
+            "| op type | 1 thread | 2 threads |",
+            "|---|---|---|",
+        ]
+        ops = list(prof[1])[:11]
+        lines += [f"| {op} | {prof[1][op]:.1f} | {prof[2].get(op, 0.0):.1f} |" for op in ops]
+    lines.append(INT8_MARKS[1])
+    table = "\n".join(lines)
+    text = path.read_text()
+    if INT8_MARKS[0] in text and INT8_MARKS[1] in text:
+        head, rest = text.split(INT8_MARKS[0], 1)
+        text = head + table + rest.split(INT8_MARKS[1], 1)[1]
+    else:
+        end = "<!-- transformer_bench:end -->"
+        heading = "### INT8 routes (`--sections int8`)\n\n"
+        text = text.replace(end, heading + table + "\n\n" + end, 1)
+    path.write_text(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer rounds and budgets")
@@ -593,6 +809,11 @@ def main() -> None:
     parser.add_argument("--sections", default="prune,tokens,packing,combined")
     parser.add_argument("--calibration", type=int, default=256, help="calibration sentences")
     parser.add_argument("--ltp-steps", type=int, default=100, help="LTP threshold training steps")
+    parser.add_argument(
+        "--results-md",
+        default="bench/RESULTS.md",
+        help="where the int8 section writes its table ('' to skip)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sections = set(args.sections.split(","))
@@ -657,6 +878,19 @@ def main() -> None:
     if "combined" in sections:
         RESULTS["combined"] = combined_section(
             enc, hf, tok, work, texts, pruned_models, rounds, runs, args.ltp_steps, Path(args.out)
+        )
+        torch.set_num_threads(args.threads)
+
+    if "int8" in sections:
+        RESULTS["int8_routes"] = int8_section(
+            hf,
+            folder,
+            tok,
+            work,
+            texts,
+            rounds,
+            runs,
+            Path(args.results_md) if args.results_md else None,
         )
         torch.set_num_threads(args.threads)
 

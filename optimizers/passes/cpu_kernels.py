@@ -9,7 +9,7 @@ session-level fusions do not rebuild the slow ops: the residual sum is a ``Sum``
 separate ``Add`` straight after its MatMul, which ``quantize_dynamic`` + ORT fold into
 ``DynamicQuantizeMatMul``'s bias input instead of a ``BiasGelu``.
 
-Optionally, ``Attention`` becomes QKV MatMul + bias + Split + ``MultiHeadAttention`` behind an
+Optionally, ``Attention`` becomes Q, K, V MatMul + bias + ``MultiHeadAttention`` behind an
 ``If``: a batch without padding takes MHA's mask-free (flash) path, a padded one the masked
 kernel. Numerics are those of the fused graph (tested to float tolerance).
 """
@@ -19,8 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from optimizers.onnxutil import check_loads, op_counts
 from optimizers.passes.base import Artifact, Pass, PassContext, PassNotApplicable, PassResult
@@ -103,6 +104,39 @@ def _mask_is_lengths(model: onnx.ModelProto, mask: str) -> bool:
     )
 
 
+def _qkv_projections(
+    model: onnx.ModelProto, name: str, x: str, weight: str, bias: str, outs: tuple[str, ...]
+) -> list[onnx.NodeProto]:
+    """Q, K, V projections: three MatMul + Add on slices of constant packed weights (each
+    becomes one DynamicQuantizeMatMul sharing the input's quantization), else one MatMul
+    + Add + Split (the Split copies the whole [tokens, 3 x hidden] tensor)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    if weight in inits and bias in inits:
+        w, b = numpy_helper.to_array(inits[weight]), numpy_helper.to_array(inits[bias])
+        if w.ndim == 2 and b.shape == (w.shape[1],) and w.shape[1] % 3 == 0:
+            size, nodes = w.shape[1] // 3, []
+            for i, out in enumerate(outs):
+                part = slice(i * size, (i + 1) * size)
+                model.graph.initializer.extend(
+                    [
+                        numpy_helper.from_array(np.ascontiguousarray(w[:, part]), f"{out}_w"),
+                        numpy_helper.from_array(np.ascontiguousarray(b[part]), f"{out}_b"),
+                    ]
+                )
+                nodes += [
+                    helper.make_node("MatMul", [x, f"{out}_w"], [f"{out}_mm"], name=f"{out}_mm"),
+                    helper.make_node("Add", [f"{out}_mm", f"{out}_b"], [out], name=f"{out}_bias"),
+                ]
+            return nodes
+    return [
+        helper.make_node("MatMul", [x, weight], [f"{name}_qkv_mm"], name=f"{name}_qkv"),
+        helper.make_node("Add", [f"{name}_qkv_mm", bias], [f"{name}_qkv"], name=f"{name}_qkv_bias"),
+        helper.make_node(
+            "Split", [f"{name}_qkv"], list(outs), name=f"{name}_split", axis=-1, num_outputs=3
+        ),
+    ]
+
+
 def _attention(
     node: onnx.NodeProto, model: onnx.ModelProto, state: dict[str, str]
 ) -> list[onnx.NodeProto] | None:
@@ -117,13 +151,7 @@ def _attention(
     name = node.name or node.output[0]
     heads = int(attrs["num_heads"])
     q, k, v = (f"{name}_{t}" for t in "qkv")
-    nodes = [
-        helper.make_node("MatMul", [x, weight], [f"{name}_qkv_mm"], name=f"{name}_qkv"),
-        helper.make_node("Add", [f"{name}_qkv_mm", bias], [f"{name}_qkv"], name=f"{name}_qkv_bias"),
-        helper.make_node(
-            "Split", [f"{name}_qkv"], [q, k, v], name=f"{name}_split", axis=-1, num_outputs=3
-        ),
-    ]
+    nodes = _qkv_projections(model, name, x, weight, bias, (q, k, v))
 
     def mha(inputs: list[str], out: str) -> onnx.NodeProto:
         return helper.make_node(
@@ -187,6 +215,11 @@ def unfuse_for_cpu(
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
     del model.graph.node[:]
     model.graph.node.extend(nodes)
+    if counts.get("Attention"):  # the packed QKV weights now unused
+        read = _used(model)
+        kept = [i for i in model.graph.initializer if i.name in read]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept)
     if counts.get("Attention") and _opset(model) < 18:  # Split(num_outputs) is opset 18
         for entry in model.opset_import:
             if entry.domain in ("", "ai.onnx"):

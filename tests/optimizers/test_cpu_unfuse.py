@@ -129,15 +129,27 @@ def test_int8_graph_keeps_fast_kernels(fused, tmp_path: Path) -> None:
 def test_attention_dispatch_exact_on_padded_and_full_batches(fused, tmp_path: Path) -> None:
     result = get_pass("cpu_unfuse", attention=True).run(fused, _ctx(tmp_path))
     before = op_counts(fused.onnx_path)
-    assert result.report["replaced"]["Attention"] == before["Attention"]
+    layers = before["Attention"]
+    assert result.report["replaced"]["Attention"] == layers
     after = op_counts(result.artifact.onnx_path)
     assert "Attention" not in after
-    assert after["If"] == before["Attention"]
-    assert after["Split"] == before["Attention"]
+    assert after["If"] == layers  # MHA without mask when the batch has no padding
+    assert after["MatMul"] == before["MatMul"] + 3 * layers  # Q, K, V from sliced weights
+    assert "Split" not in after
+    packed_qkv = {
+        n.input[1] for n in onnx.load(str(fused.onnx_path)).graph.node if n.op_type == "Attention"
+    }
+    left = {i.name for i in onnx.load(str(result.artifact.onnx_path)).graph.initializer}
+    assert not packed_qkv & left  # the packed weights are gone, not carried as dead weight
     _assert_same_outputs(fused.onnx_path, result.artifact.onnx_path, atol=1e-5)
     quant = get_pass("quantize_dynamic").run(result.artifact, _ctx(tmp_path / "q")).artifact
     ops = _session_ops(quant.onnx_path, tmp_path)
-    assert ops["DynamicQuantizeMatMul"] == before["MatMul"] + before["Attention"]
+    # every projection runs in INT8; Q, K and V share one quantization of their input
+    int8_matmuls = ops["DynamicQuantizeMatMul"] + ops["MatMulIntegerToFloat"]
+    assert int8_matmuls == before["MatMul"] + 3 * layers
+    assert ops["DynamicQuantizeLinear"] == layers
+    assert ops["MultiHeadAttention"] == 0  # inside the If branches
+    _assert_same_outputs(fused.onnx_path, quant.onnx_path, atol=0.2)
 
 
 def test_not_applicable_without_fused_ops(fused, tmp_path: Path) -> None:

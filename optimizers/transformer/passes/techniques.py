@@ -190,6 +190,9 @@ register_chains(
             "quantize_dynamic",
         ],
         ["token_prune", "ort_transformer_optimize", "cpu_unfuse", "quantize_dynamic"],
+        # Attention as Q/K/V MatMuls + MHA that skips the mask on unpadded batches: measured
+        # side by side with the default cpu_unfuse chain (which one wins depends on padding)
+        ["ort_transformer_optimize", ("cpu_unfuse", {"attention": True}), "quantize_dynamic"],
         ["pack_padding", "quantize_dynamic"],
     ],
 )
