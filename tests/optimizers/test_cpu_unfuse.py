@@ -158,6 +158,7 @@ def test_not_applicable_without_fused_ops(fused, tmp_path: Path) -> None:
         get_pass("cpu_unfuse").run(once, _ctx(tmp_path / "b"))
 
 
+@pytest.mark.slow
 def test_chain_runs_through_the_pipeline(bert_dir: Path, tmp_path: Path) -> None:
     allow = ("ort_transformer_optimize", "cpu_unfuse", "quantize_dynamic")
     chains, _ = build_chains("transformer", "cpu", allow)
