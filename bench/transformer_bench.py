@@ -8,8 +8,8 @@ Sections (each variant timed in interleaved rounds; medians):
            FLOPs, cosine, speed at 128/256 and on padded short sentences (padding vs real tokens)
   packing  mixed lengths 8-128, batch 32: padded vs packed vs length-bucketed, exactness
   combined batch 8 / seq 128: PyTorch eager FP32 vs every candidate (struct 0.9/0.8 ->
-           token pruning -> ORT fusion -> dynamic INT8, and subsets) at 2 and 1 threads; trade-off
-           table and a speed-vs-cosine plot next to the JSON (<out>_combined.png)
+           token pruning -> ORT fusion -> cpu_unfuse -> dynamic INT8, and subsets) at 2 and 1
+           threads; trade-off table and a speed-vs-cosine plot next to the JSON (<out>_combined.png)
   int8     batch 8 / seq 128: PyTorch eager FP32 (SDPA, and eager attention) vs fused FP32 and
            every INT8 route (dynamic, + cpu_unfuse, packed, MatMulNBits 8-bit, static QDQ) at 2
            and 1 threads, plus per-op-type profiles of the best; writes its table to RESULTS.md
@@ -439,6 +439,17 @@ def quantize_all(src: Path, dst: Path) -> Path:
     return dst
 
 
+def cpu_unfused(src: Path, dst: Path) -> Path:
+    """The pipeline's ``cpu_unfuse`` rewrite (SkipLayerNorm / BiasGelu -> standard ops)."""
+    import onnx
+
+    from optimizers.passes.cpu_kernels import unfuse_for_cpu
+
+    model, _replaced = unfuse_for_cpu(onnx.load(str(src)))
+    onnx.save_model(model, str(dst))
+    return dst
+
+
 def fuse(src: Path, dst: Path) -> tuple[Path, dict]:
     """ORT transformer fusion as the pipeline's ``ort_transformer_optimize`` pass does it."""
     from optimizers.passes.graph import bert_fusion, fused_statistics
@@ -499,11 +510,17 @@ def combined_section(
             paths["original fp32"] = fp32
         fused, fused_ops[name] = fuse(fp32, work / f"c_{name}.fused.onnx")
         paths[f"{name} +fusion"] = fused
-        paths[f"{name} +fusion+int8"] = quantize_all(fused, work / f"c_{name}.fused.int8.onnx")
+        unfused = cpu_unfused(fused, work / f"c_{name}.unfused.onnx")
+        paths[f"{name} +fusion+cpu_unfuse+int8"] = quantize_all(
+            unfused, work / f"c_{name}.unfused.int8.onnx"
+        )
     # the HF graph itself fused by ORT (Attention fuses there, not in the SlimEncoder export)
     hf_fused = export_hf_fused(hf, work)
     paths["hf original +fusion"] = hf_fused
     paths["hf original +fusion+int8"] = quantize_all(hf_fused, work / "c_hf.fused.int8.onnx")
+    paths["hf original +fusion+cpu_unfuse+int8"] = quantize_all(
+        cpu_unfused(hf_fused, work / "c_hf.unfused.onnx"), work / "c_hf.unfused.int8.onnx"
+    )
     with torch.no_grad():
         ref = mean_pool(hf(**tb).last_hidden_state, tb["attention_mask"]).numpy()
         fid_refs = [

@@ -54,6 +54,7 @@ def _used(model: onnx.ModelProto) -> set[str]:
                     walk(attr.g)
 
     walk(model.graph)
+    names.discard("")  # an omitted optional input, not a tensor
     return names
 
 

@@ -176,3 +176,46 @@ def test_chain_runs_through_the_pipeline(bert_dir: Path, tmp_path: Path) -> None
     (unfuse,) = candidates[allow[:2]]["pass_reports"]  # each candidate reports its own step
     assert unfuse["pass"] == "cpu_unfuse"
     assert unfuse["replaced"]["SkipLayerNormalization"] > 0
+
+
+def test_optional_empty_inputs_elsewhere_do_not_block_the_rewrite() -> None:
+    """An omitted optional input ("") in another node is not a use of SkipLayerNorm's
+    unused optional outputs (exports with Clip/Pad/MHA often have one)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from optimizers.passes.cpu_kernels import unfuse_for_cpu
+
+    rng = np.random.default_rng(0)
+    hidden = 8
+    value = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        [
+            helper.make_node(
+                "SkipLayerNormalization",
+                ["x", "skip", "gamma", "beta"],
+                ["y", "", ""],
+                domain="com.microsoft",
+                epsilon=1e-12,
+            ),
+            helper.make_node("Clip", ["y", "", "hi"], ["out"]),
+        ],
+        "g",
+        [value(n, TensorProto.FLOAT, [2, 3, hidden]) for n in ("x", "skip")],
+        [value("out", TensorProto.FLOAT, [2, 3, hidden])],
+        [
+            numpy_helper.from_array(rng.random(hidden).astype(np.float32), "gamma"),
+            numpy_helper.from_array(rng.random(hidden).astype(np.float32), "beta"),
+            numpy_helper.from_array(np.array(0.5, np.float32), "hi"),
+        ],
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+    )
+    model.ir_version = 9
+    feeds = {n: rng.standard_normal((2, 3, hidden)).astype(np.float32) for n in ("x", "skip")}
+    want = ort.InferenceSession(model.SerializeToString()).run(None, feeds)[0]
+    rewritten, replaced = unfuse_for_cpu(model)
+    assert replaced == {"SkipLayerNormalization": 1}
+    got = ort.InferenceSession(rewritten.SerializeToString()).run(None, feeds)[0]
+    np.testing.assert_allclose(got, want, atol=1e-5)
