@@ -128,6 +128,7 @@ def minilm(args: argparse.Namespace, workdir: Path) -> dict:
         threads=args.threads,
         dropout=args.dropout,
         precision=args.precision,
+        relation_weight=args.relation_weight,
         max_steps=args.max_steps,
         **({} if args.augment is None else {"augment": args.augment}),
     )
@@ -315,6 +316,9 @@ def main() -> None:
         default="auto",
         choices=["auto", "fp32", "bf16"],
         help="student training arithmetic (auto: bf16 autocast where the CPU has AMX)",
+    )
+    parser.add_argument(
+        "--relation-weight", type=float, default=1.0, help="MiniLM attention/value-relation KL"
     )
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
     parser.add_argument(

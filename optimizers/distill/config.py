@@ -34,6 +34,9 @@ class DistillConfig:
     hidden_weight: float = 1.0
     """Weight of the feature-based term (transformers): 1 - token cosine of each student layer
     against the teacher hidden state ``layer_map`` assigns it (0: pooled embeddings only)."""
+    relation_weight: float = 1.0
+    """Weight of MiniLM's last-layer self-attention-distribution and value-relation KL terms
+    (transformers; 0: off), recomputed from the last layer's query/key/value projections."""
     layer_map: str = "skip"
     """Which teacher state each student layer imitates: ``skip`` (the state handed to the next
     kept layer), ``uniform`` (every n/m-th layer, MiniLM-style) or ``last`` (the last layer's
@@ -94,6 +97,7 @@ class DistillConfig:
             (0.0 < self.width_fraction <= 1.0, "width_fraction must be in (0, 1]"),
             (self.temperature > 0, "temperature must be > 0"),
             (self.hidden_weight >= 0, "hidden_weight must be >= 0"),
+            (self.relation_weight >= 0, "relation_weight must be >= 0"),
             (self.lr is None or self.lr > 0, "lr must be > 0"),
             (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
             (self.batch_size >= 1, "batch_size must be >= 1"),

@@ -160,6 +160,7 @@ class Distill(Pass):
             hidden_weight=cfg.hidden_weight,
             layer_map=layer_map,
             dropout=cfg.dropout,
+            relation_weight=cfg.relation_weight,
             autocast=autocast,
         )
         cache_s = time.monotonic() - started
@@ -206,6 +207,7 @@ class Distill(Pass):
             "loss": {
                 "pooled": "1 - cosine + MSE / mean square of the teacher's pooled embeddings",
                 "feature_weight": cfg.hidden_weight,
+                "relation_weight": cfg.relation_weight,
                 "teacher_states": list(layer_map or [n_layers]) if cfg.hidden_weight else [],
             },
             "dropout": cfg.dropout,

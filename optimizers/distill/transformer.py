@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -259,6 +260,58 @@ def _token_cosine_loss(
     return ((1 - cos) * m).sum() / m.sum()
 
 
+def _kl_rows(target: torch.Tensor, student: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over heads and real query rows of KL(target row || student row); both are
+    [batch, heads, L, L] distributions over keys (zero on padded keys)."""
+    kl = (torch.special.xlogy(target, target) - target * student.clamp_min(1e-8).log()).sum(-1)
+    rows = mask.to(kl.dtype)[:, None, :].expand_as(kl)
+    return (kl * rows).sum() / rows.sum()
+
+
+def relation(
+    left: torch.Tensor, right: torch.Tensor, mask: torch.Tensor, heads: int
+) -> torch.Tensor:
+    """Per head, softmax over keys of left right^T / sqrt(head size), padded keys excluded:
+    with queries and keys, a self-attention distribution; with values twice, MiniLM's value
+    relation. ``left``, ``right``: [batch, L, hidden]; returns [batch, heads, L, L]."""
+    batch, length, hidden = left.shape
+
+    def split(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(batch, length, heads, hidden // heads).transpose(1, 2)
+
+    scores = split(left) @ split(right).transpose(-1, -2) / math.sqrt(hidden // heads)
+    scores = scores.masked_fill(~mask.bool()[:, None, None, :], float("-inf"))
+    return scores.softmax(-1)
+
+
+class _LastProjections:
+    """Captures the last encoder layer's query, key and value projections during a forward,
+    whatever attention implementation runs (the distributions are recomputed from them)."""
+
+    names = ("query", "key", "value")
+
+    def __init__(self, model: nn.Module, active: bool = True) -> None:
+        owner, attr = encoder_layers(model)
+        attention = getattr(owner, attr)[-1].attention.self
+        self.modules = [getattr(attention, name) for name in self.names] if active else []
+        self.outputs: dict[int, torch.Tensor] = {}
+
+    def __enter__(self) -> _LastProjections:
+        self.handles = [
+            module.register_forward_hook(lambda _m, _i, out, k=k: self.outputs.__setitem__(k, out))
+            for k, module in enumerate(self.modules)
+        ]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def stacked(self) -> torch.Tensor:
+        """[3, batch, L, hidden]: query, key, value."""
+        return torch.stack([self.outputs[k] for k in range(3)])
+
+
 class EmbeddingDistillTask:
     """Distil an encoder's mean-pooled sentence embeddings, optionally with feature terms.
 
@@ -266,6 +319,9 @@ class EmbeddingDistillTask:
     (``hidden_weight`` > 0, TinyBERT / MiniLM style): each student layer's token vectors against
     the teacher hidden state ``layer_map[i]`` (indices into the teacher's hidden states, 0 =
     embeddings), 1 - token cosine averaged over layers. Teacher outputs are computed once.
+    ``relation_weight`` > 0 adds MiniLM's (Wang et al. 2020) last-layer terms: KL divergence of
+    the self-attention distributions and of the value relations, teacher to student, recomputed
+    from the last layer's query/key/value projections (cached for the teacher in float16).
     ``autocast`` (e.g. ``torch.bfloat16``) runs the student's training forward under CPU
     autocast; the losses, the held-out evaluation and the weights stay float32.
     """
@@ -281,10 +337,15 @@ class EmbeddingDistillTask:
         hidden_weight: float = 0.0,
         layer_map: Sequence[int] | None = None,
         dropout: bool = False,
+        relation_weight: float = 0.0,
         autocast: torch.dtype | None = None,
         pad_id: int = 0,
     ) -> None:
         self.student = student
+        self.relation_weight = relation_weight
+        self.heads = int(student.config.num_attention_heads) if relation_weight > 0 else 0
+        self.teacher_qkv: list[torch.Tensor] = []
+        """Per example, the teacher's last-layer [query, key, value] projections, [3, L, hidden]."""
         self.autocast = autocast
         self.sequences = sequences
         self.split = split
@@ -311,12 +372,23 @@ class EmbeddingDistillTask:
         pooled = torch.zeros(len(self.sequences), 0)
         tokens: list[torch.Tensor | None] = [None] * len(self.sequences)
         maps = self._maps
+        relations = self.relation_weight > 0
+        self.teacher_qkv = [torch.zeros(0)] * len(self.sequences) if relations else []
         teacher.eval()
-        with torch.no_grad():
+        with torch.no_grad(), _LastProjections(teacher, relations) as projections:
             for start in range(0, len(order), 64):
                 chunk = order[start : start + 64]
                 ids, mask = pad([self.sequences[i] for i in chunk], self.pad_id)
-                states = hidden_states(teacher, ids, mask)
+                out = teacher(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    output_hidden_states=True,
+                )
+                states = tuple(out.hidden_states)
+                if relations:
+                    qkv = projections.stacked().to(torch.float16)
+                    for row, i in enumerate(chunk):
+                        self.teacher_qkv[i] = qkv[:, row, : len(self.sequences[i])].clone()
                 vectors = mean_pool(states[-1], mask)
                 if pooled.shape[1] == 0:
                     pooled = torch.zeros(len(self.sequences), vectors.shape[1])
@@ -341,17 +413,21 @@ class EmbeddingDistillTask:
         for index in rng.permutation(len(batches)):
             yield batches[index]
 
-    def _student_states(self, batch: np.ndarray) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-        ids, mask = pad([self.sequences[i] for i in batch], self.pad_id)
-        return hidden_states(self.student, ids, mask), mask
-
     def loss(self, batch: np.ndarray) -> torch.Tensor:
         self.student.train(self.dropout)
-        with torch.autocast(
-            "cpu", dtype=self.autocast or torch.bfloat16, enabled=bool(self.autocast)
+        relations = self.relation_weight > 0
+        dtype = self.autocast or torch.bfloat16
+        with (
+            torch.autocast("cpu", dtype=dtype, enabled=self.autocast is not None),
+            _LastProjections(self.student, relations) as projections,
         ):
-            states, mask = self._student_states(batch)
-        states = tuple(state.float() for state in states)  # losses in float32
+            ids, mask = pad([self.sequences[i] for i in batch], self.pad_id)
+            out = self.student(
+                input_ids=ids,
+                attention_mask=mask,
+                output_hidden_states=True,
+            )
+        states = tuple(state.float() for state in out.hidden_states)  # losses in float32
         pooled = mean_pool(states[-1], mask)
         target = self.teacher_pooled[torch.from_numpy(batch)]
         cosine = nn.functional.cosine_similarity(pooled, target, dim=-1)
@@ -367,6 +443,20 @@ class EmbeddingDistillTask:
                 for k, hidden in enumerate(student_layers)
             )
             loss = loss + self.hidden_weight * feature / len(maps)
+        if relations:
+            own = projections.stacked().float()
+            target = torch.zeros_like(own)
+            for row, i in enumerate(batch):
+                target[:, row, : len(self.sequences[i])] = self.teacher_qkv[i].float()
+            terms = sum(
+                _kl_rows(
+                    relation(target[a], target[b], mask, self.heads),
+                    relation(own[a], own[b], mask, self.heads),
+                    mask,
+                )
+                for a, b in ((0, 1), (2, 2))  # attention (queries, keys); value relation
+            )
+            loss = loss + self.relation_weight * terms
         return loss
 
     def held_out_cosines(self) -> np.ndarray:

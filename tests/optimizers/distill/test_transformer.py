@@ -103,6 +103,50 @@ def test_hidden_state_term_adds_a_token_level_loss(teacher_dir, texts):
     assert tokens.loss(batch).item() == pytest.approx(0.0, abs=1e-4)
 
 
+def test_relation_is_a_distribution_over_real_keys():
+    values = torch.randn(2, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    relation = tr.relation(values, values, mask, heads=2)
+    assert relation.shape == (2, 2, 5, 5)
+    torch.testing.assert_close(relation.sum(-1), torch.ones(2, 2, 5))
+    assert torch.all(relation[1, :, :, 3:] == 0)
+    head = values[0, :, 4:]  # the second head's slice, by hand
+    expected = (head @ head.T / 2.0).softmax(-1)
+    torch.testing.assert_close(relation[0, 1], expected)
+
+
+def test_relation_terms_vanish_for_the_teacher_and_train_the_student(teacher_dir, texts):
+    from transformers import AutoTokenizer
+
+    teacher = load_hf_checkpoint(teacher_dir).artifact.torch_model
+    sequences = tr.tokenize(texts[:96], AutoTokenizer.from_pretrained(str(teacher_dir)), 32)
+    split = split_holdout(len(sequences), fraction=0.2, min_holdout=16, min_train=64)
+    student = tr.build_layer_student(teacher, (0, 2))
+    plain = tr.EmbeddingDistillTask(teacher, student, sequences, split)
+    related = tr.EmbeddingDistillTask(teacher, student, sequences, split, relation_weight=1.0)
+    assert related.teacher_qkv[0].shape == (3, len(sequences[0]), 64)
+    batch = split.train[:16]
+    with_relations = related.loss(batch)
+    assert with_relations.item() > plain.loss(batch).item()
+    with_relations.backward()
+    value = student.encoder.layer[-1].attention.self.value.weight
+    assert value.grad is not None
+    assert value.grad.abs().sum() > 0
+    related.student = teacher  # the teacher against itself has nothing left to learn
+    assert related.loss(batch).item() == pytest.approx(0.0, abs=1e-3)
+    # the attention term is the model's own attention: recomputed = HF's eager probabilities
+    ids, mask = tr.pad([sequences[i] for i in batch])
+    with torch.no_grad(), tr.attention_implementation(teacher, "eager"):
+        with tr._LastProjections(teacher) as projections:
+            out = teacher(input_ids=ids, attention_mask=mask, output_attentions=True)
+        qkv = projections.stacked()
+    recomputed = tr.relation(qkv[0], qkv[1], mask, heads=4)
+    real = mask.bool()[:, None, :, None] & mask.bool()[:, None, None, :]
+    torch.testing.assert_close(
+        recomputed[real.expand_as(recomputed)], out.attentions[-1][real.expand_as(recomputed)]
+    )
+
+
 def test_layer_maps_pick_the_teacher_states_each_student_layer_imitates():
     assert tr.layer_targets((0, 3, 5), 6, "skip") == (3, 5, 6)
     assert tr.layer_targets((0, 3, 5), 6, "uniform") == (2, 4, 6)
