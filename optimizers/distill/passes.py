@@ -146,6 +146,8 @@ class Distill(Pass):
         student = tr.build_layer_student(teacher, keep, cfg.ffn_fraction)
         tr.freeze_embeddings(student)
         autocast = tr.resolve_precision(cfg.precision)
+        # the relation terms need the last layer's Q/K/V projections; other layouts train without
+        relation_weight = cfg.relation_weight if tr.qkv_projections(student) else 0.0
         torch.manual_seed(cfg.seed)
         ctx.report_progress("distill: caching the teacher's outputs", 0.0)
         layer_map = (
@@ -160,7 +162,7 @@ class Distill(Pass):
             hidden_weight=cfg.hidden_weight,
             layer_map=layer_map,
             dropout=cfg.dropout,
-            relation_weight=cfg.relation_weight,
+            relation_weight=relation_weight,
             autocast=autocast,
         )
         cache_s = time.monotonic() - started
@@ -207,7 +209,7 @@ class Distill(Pass):
             "loss": {
                 "pooled": "1 - cosine + MSE / mean square of the teacher's pooled embeddings",
                 "feature_weight": cfg.hidden_weight,
-                "relation_weight": cfg.relation_weight,
+                "relation_weight": relation_weight,
                 "teacher_states": list(layer_map or [n_layers]) if cfg.hidden_weight else [],
             },
             "dropout": cfg.dropout,

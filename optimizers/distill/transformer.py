@@ -284,16 +284,29 @@ def relation(
     return scores.softmax(-1)
 
 
+def qkv_projections(model: nn.Module) -> list[nn.Module]:
+    """The last encoder layer's query, key and value projections (BERT / RoBERTa / MiniLM
+    ``attention.self.query``..., DistilBERT ``attention.q_lin``...); empty when not found."""
+    owner, attr = encoder_layers(model)
+    attention = getattr(getattr(owner, attr)[-1], "attention", None)
+    for holder, names in (
+        (getattr(attention, "self", None), ("query", "key", "value")),
+        (attention, ("q_lin", "k_lin", "v_lin")),
+    ):
+        found = [getattr(holder, name, None) for name in names]
+        if holder is not None and all(isinstance(m, nn.Linear) for m in found):
+            return found
+    return []
+
+
 class _LastProjections:
     """Captures the last encoder layer's query, key and value projections during a forward,
     whatever attention implementation runs (the distributions are recomputed from them)."""
 
-    names = ("query", "key", "value")
-
     def __init__(self, model: nn.Module, active: bool = True) -> None:
-        owner, attr = encoder_layers(model)
-        attention = getattr(owner, attr)[-1].attention.self
-        self.modules = [getattr(attention, name) for name in self.names] if active else []
+        self.modules = qkv_projections(model) if active else []
+        if active and not self.modules:
+            raise ValueError("no query/key/value projections found in the last encoder layer")
         self.outputs: dict[int, torch.Tensor] = {}
 
     def __enter__(self) -> _LastProjections:

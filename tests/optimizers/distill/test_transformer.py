@@ -103,6 +103,17 @@ def test_hidden_state_term_adds_a_token_level_loss(teacher_dir, texts):
     assert tokens.loss(batch).item() == pytest.approx(0.0, abs=1e-4)
 
 
+def test_qkv_projections_of_a_distilbert_layout():
+    from transformers import DistilBertConfig, DistilBertModel
+
+    config = DistilBertConfig(vocab_size=64, dim=32, hidden_dim=64, n_layers=2, n_heads=2)
+    model = DistilBertModel(config)
+    attention = model.transformer.layer[-1].attention
+    assert tr.qkv_projections(model) == [attention.q_lin, attention.k_lin, attention.v_lin]
+    del attention.v_lin  # an unknown layout: no relation terms rather than a crash
+    assert tr.qkv_projections(model) == []
+
+
 def test_relation_is_a_distribution_over_real_keys():
     values = torch.randn(2, 5, 8)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
@@ -124,6 +135,10 @@ def test_relation_terms_vanish_for_the_teacher_and_train_the_student(teacher_dir
     student = tr.build_layer_student(teacher, (0, 2))
     plain = tr.EmbeddingDistillTask(teacher, student, sequences, split)
     related = tr.EmbeddingDistillTask(teacher, student, sequences, split, relation_weight=1.0)
+    assert tr.qkv_projections(student) == [
+        getattr(student.encoder.layer[-1].attention.self, name)
+        for name in ("query", "key", "value")
+    ]
     assert related.teacher_qkv[0].shape == (3, len(sequences[0]), 64)
     batch = split.train[:16]
     with_relations = related.loss(batch)
