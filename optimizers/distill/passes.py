@@ -45,6 +45,29 @@ def _training_budget(config: DistillConfig, ctx: PassContext, started: float) ->
     return budget
 
 
+def _train(
+    task: Any, cfg: DistillConfig, family: str, ctx: PassContext, started: float, metric: str
+) -> Any:
+    """Run the shared training loop with the config's schedule, the pass's remaining budget,
+    cancellation and progress in ``metric``."""
+    from optimizers.distill.trainer import train
+
+    return train(
+        task,
+        lr=cfg.learning_rate(family),
+        weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_steps,
+        eval_every=cfg.eval_every,
+        patience=cfg.patience,
+        budget_s=_training_budget(cfg, ctx, started),
+        max_steps=cfg.max_steps,
+        seed=cfg.seed,
+        check_cancelled=ctx.check_cancelled,
+        progress=_progress(ctx, metric),
+        max_eval_share=cfg.max_eval_share,
+    )
+
+
 def _progress(ctx: PassContext, metric: str):
     def report(event: dict[str, Any]) -> None:
         ctx.report_progress(
@@ -115,7 +138,6 @@ class Distill(Pass):
         import torch
 
         from optimizers.distill import transformer as tr
-        from optimizers.distill.trainer import train
         from optimizers.registry import get_pass
 
         cfg = self.config
@@ -167,20 +189,7 @@ class Distill(Pass):
         )
         cache_s = time.monotonic() - started
         with tr.attention_implementation(student, "eager" if autocast else None):
-            log = train(
-                task,
-                lr=cfg.learning_rate(artifact.family),
-                weight_decay=cfg.weight_decay,
-                warmup_steps=cfg.warmup_steps,
-                eval_every=cfg.eval_every,
-                patience=cfg.patience,
-                budget_s=_training_budget(cfg, ctx, started),
-                max_steps=cfg.max_steps,
-                seed=cfg.seed,
-                check_cancelled=ctx.check_cancelled,
-                progress=_progress(ctx, "cosine"),
-                max_eval_share=cfg.max_eval_share,
-            )
+            log = _train(task, cfg, artifact.family, ctx, started, "cosine")
         meta = {k: v for k, v in artifact.meta.items() if k != "output_name"}
         exporter = meta.get("exporter") if meta.get("exporter") in ("dynamo", "legacy") else "auto"
         own = dataclasses.replace(ctx, workdir=ctx.scratch("distill"))  # never the teacher's
@@ -233,7 +242,6 @@ class Distill(Pass):
 
         from optimizers.distill import cnn
         from optimizers.distill.onnx_module import OnnxModule, UnsupportedGraph
-        from optimizers.distill.trainer import train
         from optimizers.onnxutil import make_session, save_model
 
         cfg = self.config
@@ -270,20 +278,7 @@ class Distill(Pass):
         task = cnn.LogitDistillTask(
             student, inputs, logits, split, temperature=cfg.temperature, batch_size=cfg.batch_size
         )
-        log = train(
-            task,
-            lr=cfg.learning_rate(artifact.family),
-            weight_decay=cfg.weight_decay,
-            warmup_steps=cfg.warmup_steps,
-            eval_every=cfg.eval_every,
-            patience=cfg.patience,
-            budget_s=_training_budget(cfg, ctx, started),
-            max_steps=cfg.max_steps,
-            seed=cfg.seed,
-            check_cancelled=ctx.check_cancelled,
-            progress=_progress(ctx, "top-1 agreement"),
-            max_eval_share=cfg.max_eval_share,
-        )
+        log = _train(task, cfg, artifact.family, ctx, started, "top-1 agreement")
         out_dir = ctx.scratch("distill")
         trained = student.to_onnx()
         path = save_model(trained, out_dir / "model.onnx")
