@@ -130,6 +130,7 @@ def minilm(args: argparse.Namespace, workdir: Path) -> dict:
         precision=args.precision,
         relation_weight=args.relation_weight,
         max_steps=args.max_steps,
+        seed=args.seed,
         **({} if args.augment is None else {"augment": args.augment}),
     )
     start = time.monotonic()
@@ -321,6 +322,9 @@ def main() -> None:
         "--relation-weight", type=float, default=1.0, help="MiniLM attention/value-relation KL"
     )
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="MiniLM pass seed (held-out split, batch order)"
+    )
     parser.add_argument(
         "--extra-docstrings",
         type=int,
