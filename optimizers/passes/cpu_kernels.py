@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from optimizers.onnxutil import check_loads, op_counts
+from optimizers.onnxutil import check_loads, op_counts, save_model
 from optimizers.passes.base import Artifact, Pass, PassContext, PassNotApplicable, PassResult
 from optimizers.registry import register_pass
 
@@ -253,8 +253,7 @@ class CpuUnfuse(Pass):
     def call(self, artifact: Artifact, ctx: PassContext) -> PassResult:
         model = onnx.load(str(artifact.onnx_path))
         model, replaced = unfuse_for_cpu(model, attention=self.config.attention)
-        out = ctx.scratch(self.name) / "model.onnx"
-        onnx.save_model(model, str(out))
+        out = save_model(model, ctx.scratch(self.name) / "model.onnx")
         report = {"replaced": replaced, "ops_after": op_counts(out)}
         return PassResult(artifact.with_onnx(out, cpu_unfused=True), bool(replaced), report)
 
