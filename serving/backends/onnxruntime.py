@@ -1,4 +1,5 @@
-"""ONNX Runtime engine: CPU by default, CUDA / TensorRT execution providers when configured."""
+"""ONNX Runtime engine: CPU by default, CUDA / TensorRT execution providers when configured,
+OpenVINO (plugin EP) when ``cpu_execution_accelerator`` names it."""
 
 from __future__ import annotations
 
@@ -108,6 +109,33 @@ def session_options(config: mc.ModelConfig):  # -> ort.SessionOptions
     return options
 
 
+def cpu_accelerator(config: mc.ModelConfig, options) -> str | None:  # ort.SessionOptions
+    """Add the ``cpu_execution_accelerator`` the config names to ``options``; its name, or
+    None (plain CPU provider). ``openvino`` is ONNX Runtime's OpenVINO plugin EP (see
+    ``serving.backends.openvino``; its parameters are OpenVINO CPU properties); when the plugin
+    is not installed the model runs on the CPU provider and a warning says so."""
+    for accel in config.optimization.execution_accelerators.cpu_execution_accelerator:
+        if accel.name != "openvino":
+            log.warning("%s: unknown cpu_execution_accelerator %r ignored", config.name, accel.name)
+            continue
+        from serving.backends import openvino
+
+        intra = _parameter(config, "intra_op_thread_count")
+        try:
+            openvino.add_openvino(options, dict(accel.parameters), int(intra) if intra else None)
+        except Exception as exc:
+            log.warning(
+                "%s: cpu_execution_accelerator 'openvino' unavailable (%s); "
+                "running on ONNX Runtime's CPU provider",
+                config.name,
+                exc,
+            )
+            return None
+        log.info("%s: cpu_execution_accelerator 'openvino' (ONNX Runtime plugin EP)", config.name)
+        return "openvino"
+    return None
+
+
 class OnnxRuntimeEngine:
     """One ``onnxruntime.InferenceSession`` for one model instance."""
 
@@ -127,10 +155,15 @@ class OnnxRuntimeEngine:
                 "on a machine with CUDA, or use KIND_CPU"
             )
         providers = [(name, opts) for name, opts in chain if name in available]
+        options = session_options(config)
+        self.accelerator = None if wants_gpu(config) else cpu_accelerator(config, options)
         try:
-            self.session = ort.InferenceSession(
-                str(model_file), sess_options=session_options(config), providers=providers
-            )
+            if self.accelerator:  # plugin EP on the options; CPU provider as its fallback
+                self.session = ort.InferenceSession(str(model_file), sess_options=options)
+            else:
+                self.session = ort.InferenceSession(
+                    str(model_file), sess_options=options, providers=providers
+                )
         except Exception as exc:
             raise RepositoryError(f"onnxruntime could not load {model_file.name}: {exc}") from None
         active = self.session.get_providers()

@@ -1,0 +1,101 @@
+"""``cpu_execution_accelerator { name: "openvino" }``: ONNX Runtime's OpenVINO plugin EP."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from serving.backends import openvino
+from serving.backends.onnxruntime import OnnxRuntimeEngine
+from serving.model_config import parse_config
+from tests.e2e.helpers import infer_input
+from tests.models import mlp_model, write_model
+
+REASON = openvino.unavailable_reason()
+needs_plugin = pytest.mark.skipif(
+    REASON is not None, reason=f"OpenVINO plugin EP not usable here: {REASON}"
+)
+OV_CONFIG = """
+    name: "mlp"
+    parameters { key: "intra_op_thread_count" value: { string_value: "1" } }
+    optimization { execution_accelerators { cpu_execution_accelerator : [ {
+      name : "openvino"
+      parameters { key: "INFERENCE_PRECISION_HINT" value: "f32" }
+    } ] } }
+"""
+
+
+def _mlp(tmp_path: Path) -> Path:
+    path = tmp_path / "mlp.onnx"
+    path.write_bytes(mlp_model(width=256, depth=3))
+    return path
+
+
+@needs_plugin
+def test_engine_runs_on_openvino_and_matches_cpu(tmp_path: Path) -> None:
+    model = _mlp(tmp_path)
+    x = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+    ov = OnnxRuntimeEngine(model, parse_config(OV_CONFIG))
+    cpu = OnnxRuntimeEngine(model, parse_config('name: "mlp"'))
+    assert ov.accelerator == "openvino"
+    assert ov.providers[0] == openvino.EP_NAME
+    assert cpu.accelerator is None
+    assert openvino.EP_NAME not in cpu.providers
+    got, want = ov.infer({"x": x})["y"], cpu.infer({"x": x})["y"]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_missing_plugin_falls_back_to_cpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def missing() -> None:
+        raise ImportError("onnxruntime-ep-openvino is not installed")
+
+    monkeypatch.setattr(openvino, "_device", missing)
+    with caplog.at_level(logging.WARNING):
+        engine = OnnxRuntimeEngine(_mlp(tmp_path), parse_config(OV_CONFIG))
+    assert engine.accelerator is None
+    assert engine.providers == ["CPUExecutionProvider"]
+    assert "'openvino' unavailable" in caplog.text
+    assert engine.infer({"x": np.ones((2, 64), np.float32)})["y"].shape == (2, 10)
+
+
+def test_properties_pass_through() -> None:
+    props = openvino.cpu_properties({"INFERENCE_PRECISION_HINT": "bf16", "NUM_STREAMS": 1}, 2)
+    assert props == {
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_NUM_THREADS": "2",
+        "INFERENCE_PRECISION_HINT": "bf16",
+        "NUM_STREAMS": "1",
+    }
+
+
+@needs_plugin
+def test_server_serves_through_openvino(tmp_path: Path, start_server) -> None:
+    repo = tmp_path / "repo"
+    model = mlp_model(width=256, depth=3)
+    accel = {"name": "openvino", "parameters": {"INFERENCE_PRECISION_HINT": "f32"}}
+    for name, optimization in (
+        ("mlp_ov", {"execution_accelerators": {"cpu_execution_accelerator": [accel]}}),
+        ("mlp_cpu", {}),
+    ):
+        config = {"platform": "onnxruntime_onnx", "max_batch_size": 8}
+        if optimization:
+            config["optimization"] = optimization
+        write_model(repo, name, model, model_config=config)
+    server = start_server(repo, "--log-level", "info")
+    client = server.client()
+    try:
+        x = np.random.default_rng(1).standard_normal((3, 64)).astype(np.float32)
+        outs = {
+            name: client.infer(name, [infer_input("x", x)]).as_numpy("y")
+            for name in ("mlp_ov", "mlp_cpu")
+        }
+    finally:
+        client.close()
+    np.testing.assert_allclose(outs["mlp_ov"], outs["mlp_cpu"], rtol=1e-4, atol=1e-4)
+    assert "mlp_ov: cpu_execution_accelerator 'openvino'" in server.log
+    assert "mlp_cpu: cpu_execution_accelerator" not in server.log
