@@ -83,14 +83,22 @@ def providers_for(target: str) -> tuple[list[str], list[str]]:
     return wanted, [p for p in wanted if p in available]
 
 
-def make_session(path: Path, target: str = "cpu", *, threads: int | None = None):
-    """An ONNX Runtime session for ``target`` (providers that are not installed are skipped)."""
+def make_session(
+    path: Path, target: str = "cpu", *, threads: int | None = None, accelerator: str | None = None
+):
+    """An ONNX Runtime session for ``target`` (providers that are not installed are skipped);
+    ``accelerator="openvino"`` on the CPU target runs it on the OpenVINO plugin EP."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads is not None:
         options.intra_op_num_threads = threads
+    if accelerator == "openvino" and target == "cpu":
+        from serving.backends.openvino import add_openvino
+
+        add_openvino(options, threads=threads)
+        return ort.InferenceSession(str(path), options)
     _wanted, usable = providers_for(target)
     return ort.InferenceSession(str(path), options, providers=usable or ["CPUExecutionProvider"])
 

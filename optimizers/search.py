@@ -278,7 +278,8 @@ class Search:
     def _measure(self, candidate: Candidate) -> None:
         self.ctx.check_cancelled()
         artifact = candidate.artifact
-        session = make_session(artifact.onnx_path, self.ctx.target)
+        accelerator = artifact.meta.get("cpu_accelerator")  # e.g. openvino_int8's candidates
+        session = make_session(artifact.onnx_path, self.ctx.target, accelerator=accelerator)
         candidate.latency = onnx_latency(
             artifact.onnx_path, self.timing_feeds, self.ctx.target, self.settings.measure, session
         )
