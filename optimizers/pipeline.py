@@ -168,6 +168,9 @@ def optimize(
         time.monotonic() - started,
     )
     report["engine"] = {"platform": platform, "file": engine.name}
+    accelerator = winner.artifact.meta.get("cpu_accelerator")
+    if accelerator and platform == PLATFORM:  # measured on it: serve on it (config.pbtxt)
+        report["engine"]["cpu_execution_accelerator"] = accelerator
     if request.require:
         met = search.holds_required(winner)
         report["require"] = {

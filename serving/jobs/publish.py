@@ -4,9 +4,11 @@ A new model gets the original (as ONNX) as one version and the winning engine as
 with ``config.pbtxt`` (platform from the result, ``dynamic_batching`` on, inputs and outputs
 left to auto-complete for ONNX). An existing model gets the winner, plus the original when
 no existing version holds the same bytes. ``report.json`` names ``source_version``.
-A non-ONNX engine (``tensorrt_plan``: ``model.plan`` + ``model.plan.json``) is published the
-same way; its model's config selects only the latest version, since the original version
-folder holds ``model.onnx``, not the platform's file (one platform per model, as in Triton).
+A winner measured on a CPU accelerator (``report.engine.cpu_execution_accelerator``, e.g.
+``openvino``) adds it to the model's config. A non-ONNX engine (``tensorrt_plan``:
+``model.plan`` + ``model.plan.json``) is published the same way; its model's config selects
+only the latest version, since the original version folder holds ``model.onnx``, not the
+platform's file (one platform per model, as in Triton).
 """
 
 from __future__ import annotations
@@ -65,6 +67,18 @@ def new_model_config(platform: str, original_onnx: Path, name: str) -> mc.ModelC
     return config
 
 
+def with_cpu_accelerator(config: mc.ModelConfig, name: str) -> mc.ModelConfig | None:
+    """A copy of ``config`` naming ``cpu_execution_accelerator { name }``, or None when it
+    already does (config.pbtxt is then left as it is)."""
+    accelerators = config.optimization.execution_accelerators.cpu_execution_accelerator
+    if any(accel.name == name for accel in accelerators):
+        return None
+    updated = mc.ModelConfig()
+    updated.CopyFrom(config)
+    updated.optimization.execution_accelerators.cpu_execution_accelerator.add(name=name)
+    return updated
+
+
 def _matching_version(repository: ModelRepository, name: str, original: Path) -> int | None:
     """An existing version whose model.onnx has the same bytes as ``original``."""
     digest = None
@@ -113,6 +127,10 @@ def publish_result(
             )
     else:
         config = new_model_config(platform, original, name)
+    accelerator = (_report(result).get("engine") or {}).get("cpu_execution_accelerator")
+    if accelerator:  # the engine was measured on it (e.g. openvino_int8): serve it there too
+        base = config or repository.entry(name).config
+        config = with_cpu_accelerator(base, accelerator) or config
     config_path = model_dir / "config.pbtxt"
     published = Published(
         name=name,

@@ -99,3 +99,37 @@ def test_server_serves_through_openvino(tmp_path: Path, start_server) -> None:
     np.testing.assert_allclose(outs["mlp_ov"], outs["mlp_cpu"], rtol=1e-4, atol=1e-4)
     assert "mlp_ov: cpu_execution_accelerator 'openvino'" in server.log
     assert "mlp_cpu: cpu_execution_accelerator" not in server.log
+
+
+def test_publish_names_the_accelerator_the_winner_was_measured_on(tmp_path: Path) -> None:
+    from serving.jobs.publish import publish_result, rollback
+    from serving.model_config import read_config
+    from serving.repository import ModelRepository
+    from tests.serving.test_jobs_publish import result_files
+
+    (tmp_path / "repo").mkdir()
+    repository = ModelRepository(tmp_path / "repo")
+    model = mlp_model(width=32, depth=2)
+    engine = {"engine": {"platform": "onnxruntime_onnx", "cpu_execution_accelerator": "openvino"}}
+    result = result_files(tmp_path, model, model, report=engine)
+
+    def accelerators(name: str) -> list[str]:
+        config = read_config(repository.root / name)
+        return [
+            a.name for a in config.optimization.execution_accelerators.cpu_execution_accelerator
+        ]
+
+    publish_result(repository, "fresh", result, job_id="j1")
+    assert accelerators("fresh") == ["openvino"]
+    write_model(repository.root, "old", model, model_config={"max_batch_size": 4})
+    before = (repository.root / "old" / "config.pbtxt").read_bytes()
+    published = publish_result(repository, "old", result, job_id="j2")
+    assert accelerators("old") == ["openvino"]
+    assert read_config(repository.root / "old").max_batch_size == 4  # the rest is kept
+    publish_result(repository, "old", result, job_id="j3")  # already named: left as it is
+    assert accelerators("old") == ["openvino"]
+    rollback(repository, published)
+    assert (repository.root / "old" / "config.pbtxt").read_bytes() == before
+    plain = result_files(tmp_path, model, model, report={"engine": {}})
+    publish_result(repository, "plain", plain, job_id="j4")
+    assert accelerators("plain") == []
