@@ -11,8 +11,9 @@ Sections (each variant timed in interleaved rounds; medians):
            token pruning -> ORT fusion -> cpu_unfuse -> dynamic INT8, and subsets) at 2 and 1
            threads; trade-off table and a speed-vs-cosine plot next to the JSON (<out>_combined.png)
   int8     batch 8 / seq 128: PyTorch eager FP32 (SDPA, and eager attention) vs fused FP32 and
-           every INT8 route (dynamic, + cpu_unfuse, packed, MatMulNBits 8-bit, static QDQ) at 2
-           and 1 threads, plus per-op-type profiles of the best; writes its table to RESULTS.md
+           every INT8 route (dynamic, + cpu_unfuse, packed, MatMulNBits 8-bit, static QDQ, and
+           with the 'openvino' extra: OpenVINO EP FP32 / NNCF INT8) at 2 and 1 threads, plus
+           per-op-type profiles of the best ORT-CPU route; writes its table to RESULTS.md
 Fidelity = cosine of mean-pooled embeddings vs. the original model on held-out text.
 """
 
@@ -668,6 +669,49 @@ def op_profile(path: Path, batch: dict, threads: int, runs: int = 5) -> dict[str
     return {"model_run_ms": statistics.median(e["dur"] for e in model_runs[2:]) / 1000, **ops}
 
 
+def openvino_routes(paths: dict[str, Path], raw: Path, work: Path, cal: list) -> dict[str, str]:
+    """Add the OpenVINO routes (ONNX Runtime's OpenVINO plugin EP: the FP32 export at f32 and
+    at OpenVINO's default precision, bf16 on AMX; the pipeline's ``openvino_int8`` pass with
+    and without SmoothQuant, and that QDQ graph on ORT's CPU provider) to ``paths``; returns
+    route -> accelerator. Without the 'openvino' extra: none (logged)."""
+    from optimizers.passes.openvino_int8 import _unusable
+
+    reason = _unusable()
+    if reason:
+        log(f"OpenVINO routes skipped: {reason}")
+        return {}
+    nncf_sq = pipeline_pass("openvino_int8", raw, work / "ov_sq", calibration=cal)
+    routes = {
+        "openvino fp32 (f32 hint)": raw,
+        "openvino fp32 (default precision: bf16 on AMX)": raw,
+        "openvino_int8 (NNCF, SmoothQuant)": nncf_sq,
+        "openvino_int8 (NNCF, no SmoothQuant)": pipeline_pass(
+            "openvino_int8", raw, work / "ov_nosq", calibration=cal, smooth_quant=False
+        ),
+    }
+    paths.update(routes)
+    paths["NNCF int8 QDQ (SmoothQuant) on ORT CPU"] = nncf_sq
+    accel = dict.fromkeys(routes, "openvino")
+    accel["openvino fp32 (f32 hint)"] = "openvino-f32"
+    return accel
+
+
+def route_session(path: Path, threads: int, accelerator: str | None):
+    """ORT CPU session, or ORT + OpenVINO plugin EP (``openvino-f32``: f32 inference hint)."""
+    if accelerator is None:
+        return ort_session(path, threads=threads)
+    import onnxruntime as ort
+
+    from serving.backends.openvino import add_openvino
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    hint = {"INFERENCE_PRECISION_HINT": "f32"} if accelerator == "openvino-f32" else {}
+    add_openvino(opts, hint, threads=threads, strict=True)  # strict: no node left to ORT CPU
+    return ort.InferenceSession(str(path), opts)
+
+
 def int8_section(
     hf,
     folder: Path,
@@ -716,7 +760,9 @@ def int8_section(
             "quantize_static", raw, work / "qs", calibration=cal, calibration_batches=8
         ),
     }
-    assert len(set(paths.values())) == len(paths), "two routes share one file"
+    accel = openvino_routes(paths, raw, work, cal)
+    # the OpenVINO routes run the FP32 export twice and the NNCF graph on two providers
+    assert len({(p, accel.get(k)) for k, p in paths.items()}) == len(paths), "routes collide"
     build_s = time.perf_counter() - t0
     with torch.no_grad():
         refs = [
@@ -728,7 +774,7 @@ def int8_section(
         ]
     fidelity = {}
     for name, path in paths.items():
-        s = ort_session(path, threads=2)
+        s = route_session(path, 2, accel.get(name))
         held = np.concatenate(
             [cosine(r, pooled_ort(s, x)) for r, x in zip(refs, fid_batches, strict=True)]
         )
@@ -738,7 +784,7 @@ def int8_section(
     result: dict = {"build_s": build_s, "fidelity": fidelity, "threads": {}}
     for threads in (2, 1):
         torch.set_num_threads(threads)
-        sessions = {k: ort_session(p, threads=threads) for k, p in paths.items()}
+        sessions = {k: route_session(p, threads, accel.get(k)) for k, p in paths.items()}
 
         def eager(model):
             def run():
@@ -758,8 +804,11 @@ def int8_section(
     ok = [k for k in paths if fidelity[k]["cosine_mean"] >= 0.99]
     best = {t: min(ok, key=lambda k: result["threads"][t]["ms"][k]) for t in (2, 1)}
     result["best_at_0.99"] = best
+    ort_ok = [k for k in ok if k not in accel]  # the profiler below is ORT's CPU provider's
+    best_ort = {t: min(ort_ok, key=lambda k: result["threads"][t]["ms"][k]) for t in (2, 1)}
+    result["best_ort_cpu_at_0.99"] = best_ort
     profiles = {}
-    for name in dict.fromkeys([best[2], best[1], "fused + int8 dynamic (before)"]):
+    for name in dict.fromkeys([best_ort[2], best_ort[1], "fused + int8 dynamic (before)"]):
         profiles[name] = {t: op_profile(paths[name], b, t) for t in (1, 2)}
     result["op_profiles_ms"] = profiles
     result["date_utc"] = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M")

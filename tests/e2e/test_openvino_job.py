@@ -1,0 +1,88 @@
+"""Upload -> optimization job with ``openvino_int8`` -> a version served on OpenVINO.
+
+The published model's config names ``cpu_execution_accelerator { name: "openvino" }`` (the
+search measured the candidate there), the server runs it on ONNX Runtime's OpenVINO plugin
+EP, and its answers match the published ONNX file run by OpenVINO directly.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from optimizers.calibration import pydoc_sentences
+from optimizers.fidelity import compare
+from optimizers.onnxutil import make_session
+from optimizers.passes.openvino_int8 import _unusable
+from serving.model_config import read_config
+from tests.e2e.helpers import infer_input
+from tests.e2e.server import RemoteServer
+from tests.e2e.test_upload_pipeline import upload, wait_job
+from tests.optimizers.tiny import tiny_bert_checkpoint
+
+REASON = _unusable()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(REASON is not None, reason=f"not usable here: {REASON}")
+def test_openvino_int8_job_is_served_on_openvino(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    folder = tiny_bert_checkpoint(tmp_path / "tiny-bert", layers=2, seed=3)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        archive.add(folder, arcname="tiny-bert")
+    sentences = pydoc_sentences()[:400:4]
+    repo = tmp_path / "repository"
+    repo.mkdir()
+    request = {
+        "name": "bert_ov",
+        "allow": ["openvino_int8"],
+        "require": ["openvino_int8"],
+        "batch_size": 4,
+        "seq_len": 32,
+        "min_cosine": 0.9,
+        "time_budget_s": 240,
+    }
+    env = {"SLIMSERVE_JOBS_DIR": str(tmp_path / "jobs")}
+    with RemoteServer(repo, "--log-level", "info", env=env) as server:
+        response = upload(
+            server,
+            ("tiny-bert.tar.gz", buffer.getvalue()),
+            request,
+            calibration=("texts.txt", "\n".join(sentences[:80]).encode()),
+        )
+        assert response.status_code == 202, response.text
+        job = wait_job(server, response.json()["url"], timeout_s=300)
+        assert job["state"] == "succeeded", (job["error"], job["log_tail"])
+        version = job["published_version"]
+        folder_v = repo / "bert_ov" / str(version)
+        report = json.loads((folder_v / "report.json").read_text())
+        assert report["winner"]["passes"] == ["openvino_int8"]
+        assert report["engine"]["cpu_execution_accelerator"] == "openvino"
+        config = read_config(repo / "bert_ov")
+        accel = config.optimization.execution_accelerators.cpu_execution_accelerator
+        assert [a.name for a in accel] == ["openvino"]
+
+        client = server.client()
+        metadata = client.get_model_metadata("bert_ov", str(version))
+        names = [spec["name"] for spec in metadata["inputs"]]
+        tok = AutoTokenizer.from_pretrained(str(folder))
+        enc = tok(
+            sentences[80:84], padding=True, truncation=True, max_length=32, return_tensors="np"
+        )
+        feeds = {n: np.asarray(enc[n], np.int64) for n in names}
+        got = client.infer(
+            "bert_ov", [infer_input(n, feeds[n]) for n in names], model_version=str(version)
+        ).as_numpy(metadata["outputs"][0]["name"])
+        client.close()
+        assert "bert_ov: cpu_execution_accelerator 'openvino'" in server.log
+    direct = make_session(folder_v / "model.onnx", accelerator="openvino").run(None, feeds)[0]
+    np.testing.assert_allclose(got, direct, rtol=1e-3, atol=1e-3)
+    fidelity = compare([[direct]], [[got]], [feeds], family="transformer")
+    assert fidelity["cosine"] > 0.9999
