@@ -672,7 +672,8 @@ def op_profile(path: Path, batch: dict, threads: int, runs: int = 5) -> dict[str
 def openvino_routes(paths: dict[str, Path], raw: Path, work: Path, cal: list) -> dict[str, str]:
     """Add the OpenVINO routes (ONNX Runtime's OpenVINO plugin EP: the FP32 export at f32 and
     at OpenVINO's default precision, bf16 on AMX; the pipeline's ``openvino_int8`` pass with
-    and without SmoothQuant, and that QDQ graph on ORT's CPU provider) to ``paths``; returns
+    and without SmoothQuant and with attention's MatMuls quantized too, and that QDQ graph on
+    ORT's CPU provider) to ``paths``; returns
     route -> accelerator. Without the 'openvino' extra: none (logged)."""
     from optimizers.passes.openvino_int8 import _unusable
 
@@ -687,6 +688,9 @@ def openvino_routes(paths: dict[str, Path], raw: Path, work: Path, cal: list) ->
         "openvino_int8 (NNCF, SmoothQuant)": nncf_sq,
         "openvino_int8 (NNCF, no SmoothQuant)": pipeline_pass(
             "openvino_int8", raw, work / "ov_nosq", calibration=cal, smooth_quant=False
+        ),
+        "openvino_int8 (NNCF, SmoothQuant, attention MatMuls int8 too)": pipeline_pass(
+            "openvino_int8", raw, work / "ov_att", calibration=cal, quantize_attention=True
         ),
     }
     paths.update(routes)

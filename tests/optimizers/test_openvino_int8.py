@@ -53,6 +53,7 @@ def test_int8_on_openvino_within_bound(exported, tmp_path: Path) -> None:
     assert result.modified
     assert artifact.meta["cpu_accelerator"] == "openvino"
     assert artifact.meta["quantized"] == "nncf-int8"
+    assert result.report["float_attention_matmuls"] == 4  # Q·Kᵀ and P·V of 2 layers
     ops = op_counts(artifact.onnx_path)
     assert ops.get("QuantizeLinear", 0) >= 4  # activations of the layers' MatMuls
     assert ops.get("DequantizeLinear", 0) > ops["QuantizeLinear"]  # + weights
