@@ -7,8 +7,9 @@ speed measurements); ``--skip-cnn --budget 600`` is the MiniLM 10-minute target 
 11 minutes). The pass budget includes caching the teacher's outputs.
 
 MiniLM student: teacher layers 0, 3, 5, token embeddings frozen; loss 1 - cosine + normalized
-MSE of the mean-pooled embeddings plus the feature terms (each student layer's tokens against
-the teacher state it replaces, ``--layer-map skip``); AdamW, lr 1e-3, warm-up then cosine decay
+MSE of the mean-pooled embeddings plus the feature terms at weight 2 (each student layer's
+tokens against the teacher state it replaces, ``--layer-map skip``) and MiniLM's last-layer
+relation terms; AdamW, lr 1e-3, warm-up then cosine decay
 over the budget; torch threads = the cores the rest of the machine leaves idle (``--threads -1``:
 a 0.5 s /proc/stat sample, so an idle 2-core machine trains on 2 threads). ``--augment K`` adds
 K augmented inputs per training sentence (spans, replaced tokens; teacher outputs cached),
@@ -301,7 +302,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=[0, 3, 5])
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=20, help="warm-up steps")
-    parser.add_argument("--hidden-weight", type=float, default=1.0, help="feature-term weight")
+    parser.add_argument("--hidden-weight", type=float, default=2.0, help="feature-term weight")
     parser.add_argument("--layer-map", default="skip", choices=["skip", "uniform", "last"])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--eval-every", type=int, default=50)
