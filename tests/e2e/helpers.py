@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -22,3 +24,11 @@ def run_direct(model_file: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.
     session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, inputs), strict=True))
+
+
+def folder_tar_gz(folder: Path) -> bytes:
+    """``folder`` as a ``.tar.gz`` upload (one top-level directory named like the folder)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        archive.add(folder, arcname=folder.name)
+    return buffer.getvalue()

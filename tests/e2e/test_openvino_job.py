@@ -7,9 +7,7 @@ EP, and its answers match the published ONNX file run by OpenVINO directly.
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,7 @@ from optimizers.fidelity import compare
 from optimizers.onnxutil import make_session
 from optimizers.passes.openvino_int8 import _unusable
 from serving.model_config import read_config
-from tests.e2e.helpers import infer_input
+from tests.e2e.helpers import folder_tar_gz, infer_input
 from tests.e2e.server import RemoteServer
 from tests.e2e.test_upload_pipeline import upload, wait_job
 from tests.optimizers.tiny import tiny_bert_checkpoint
@@ -34,9 +32,7 @@ def test_openvino_int8_job_is_served_on_openvino(tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
     folder = tiny_bert_checkpoint(tmp_path / "tiny-bert", layers=2, seed=3)
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
-        archive.add(folder, arcname="tiny-bert")
+    archive = folder_tar_gz(folder)
     sentences = pydoc_sentences()[:400:4]
     repo = tmp_path / "repository"
     repo.mkdir()
@@ -53,7 +49,7 @@ def test_openvino_int8_job_is_served_on_openvino(tmp_path: Path) -> None:
     with RemoteServer(repo, "--log-level", "info", env=env) as server:
         response = upload(
             server,
-            ("tiny-bert.tar.gz", buffer.getvalue()),
+            ("tiny-bert.tar.gz", archive),
             request,
             calibration=("texts.txt", "\n".join(sentences[:80]).encode()),
         )

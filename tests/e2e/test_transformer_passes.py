@@ -9,9 +9,7 @@ fidelity to the original that the report recorded.
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,7 @@ import pytest
 
 from optimizers.calibration import pydoc_sentences
 from optimizers.fidelity import compare
-from tests.e2e.helpers import infer_input, run_direct
+from tests.e2e.helpers import folder_tar_gz, infer_input, run_direct
 from tests.e2e.server import RemoteServer
 from tests.e2e.test_upload_pipeline import upload, wait_job
 from tests.optimizers.tiny import tiny_bert_checkpoint
@@ -37,9 +35,7 @@ REQUEST = {"batch_size": 4, "seq_len": 32, "min_cosine": MIN_COSINE, "time_budge
 def setup(tmp_path_factory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("transformer_passes")
     folder = tiny_bert_checkpoint(root / "tiny-bert", layers=2, seed=3)
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
-        archive.add(folder, arcname="tiny-bert")
+    archive = folder_tar_gz(folder)
     sentences = pydoc_sentences()[:400:4]
     repo = root / "repository"
     repo.mkdir()
@@ -47,7 +43,7 @@ def setup(tmp_path_factory) -> Iterator[dict[str, Any]]:
         yield {
             "server": server,
             "repo": repo,
-            "archive": buffer.getvalue(),
+            "archive": archive,
             "calibration": "\n".join(sentences[:80]).encode(),
             "held_out": sentences[80:],
             "tokenizer": folder,
