@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
+from serving.backends import openvino
 from serving.backends.base import TensorSpec
 from serving.datatypes import ORT_TO_V2
 from serving.errors import EngineError, InvalidInput, ModelNotReady, RepositoryError
@@ -118,8 +119,6 @@ def cpu_accelerator(config: mc.ModelConfig, options) -> str | None:  # ort.Sessi
         if accel.name != "openvino":
             log.warning("%s: unknown cpu_execution_accelerator %r ignored", config.name, accel.name)
             continue
-        from serving.backends import openvino
-
         intra = _parameter(config, "intra_op_thread_count")
         try:
             openvino.add_openvino(options, dict(accel.parameters), int(intra) if intra else None)
@@ -136,8 +135,23 @@ def cpu_accelerator(config: mc.ModelConfig, options) -> str | None:  # ort.Sessi
     return None
 
 
+def openvino_static_shapes(config: mc.ModelConfig) -> list[dict[str, tuple[int, ...]]]:
+    """The ``static_shapes`` parameter of the ``openvino`` accelerator, parsed (empty when
+    absent); a malformed value is a repository error that names the model."""
+    for accel in config.optimization.execution_accelerators.cpu_execution_accelerator:
+        if accel.name == "openvino" and openvino.STATIC_SHAPES in accel.parameters:
+            try:
+                return openvino.parse_static_shapes(accel.parameters[openvino.STATIC_SHAPES])
+            except ValueError as exc:
+                raise RepositoryError(f"{config.name}: {exc}") from None
+    return []
+
+
 class OnnxRuntimeEngine:
-    """One ``onnxruntime.InferenceSession`` for one model instance."""
+    """One ``onnxruntime.InferenceSession`` for one model instance (plus, on the ``openvino``
+    accelerator with ``static_shapes``, one static-shape session per listed shape set: a
+    request whose inputs have exactly one of those shapes runs there, any other on the
+    dynamic-shape session)."""
 
     def __init__(
         self, model_file: Path, config: mc.ModelConfig, *, instance_index: int = 0
@@ -156,6 +170,7 @@ class OnnxRuntimeEngine:
             )
         providers = [(name, opts) for name, opts in chain if name in available]
         options = session_options(config)
+        static_sets = [] if wants_gpu(config) else openvino_static_shapes(config)
         self.accelerator = None if wants_gpu(config) else cpu_accelerator(config, options)
         try:
             if self.accelerator:  # plugin EP on the options; CPU provider as its fallback
@@ -180,6 +195,74 @@ class OnnxRuntimeEngine:
         self._output_names = [o.name for o in self.outputs]
         self._string_inputs = {i.name for i in self.inputs if i.datatype == "BYTES"}
         self._string_outputs = {o.name for o in self.outputs if o.datatype == "BYTES"}
+        self.static_sessions: list[tuple[dict[str, tuple[int, ...]], object]] = []
+        if static_sets and self.accelerator != "openvino":
+            log.warning("%s: static_shapes ignored (OpenVINO is not in use)", config.name)
+        elif static_sets:
+            for shapes in static_sets:
+                self._check_static_shape(config.name, shapes)
+                self.static_sessions.append(
+                    (shapes, self._static_session(model_file, config, shapes))
+                )
+            log.info(
+                "%s: OpenVINO static-shape sessions for %s",
+                config.name,
+                "; ".join(openvino.reshape_input(shapes) for shapes, _ in self.static_sessions),
+            )
+
+    def _check_static_shape(self, model: str, shapes: dict[str, tuple[int, ...]]) -> None:
+        """Every named input exists, with that rank and compatible fixed dimensions."""
+        specs = {spec.name: spec for spec in self.inputs}
+        for name, dims in shapes.items():
+            spec = specs.get(name)
+            if spec is None:
+                raise RepositoryError(
+                    f"{model}: static_shapes names input {name!r}; the model's inputs are "
+                    f"{sorted(specs)}"
+                )
+            if len(dims) != len(spec.shape) or any(
+                want not in (-1, got) for want, got in zip(spec.shape, dims, strict=True)
+            ):
+                raise RepositoryError(
+                    f"{model}: static_shapes gives {name} the shape {list(dims)}, which the "
+                    f"model's input shape {list(spec.shape)} does not allow"
+                )
+
+    @staticmethod
+    def _static_session(model_file: Path, config: mc.ModelConfig, shapes):
+        """An OpenVINO session compiled for exactly ``shapes``."""
+        import onnxruntime as ort
+
+        options = session_options(config)
+        accel = next(
+            a
+            for a in config.optimization.execution_accelerators.cpu_execution_accelerator
+            if a.name == "openvino"
+        )
+        intra = _parameter(config, "intra_op_thread_count")
+        try:
+            openvino.add_openvino(
+                options,
+                dict(accel.parameters),
+                int(intra) if intra else None,
+                static_shape=shapes,
+            )
+            return ort.InferenceSession(str(model_file), sess_options=options)
+        except Exception as exc:
+            raise RepositoryError(
+                f"{config.name}: OpenVINO could not compile {model_file.name} for the static "
+                f"shape {openvino.reshape_input(shapes)}: {exc}"
+            ) from None
+
+    def session_for(self, inputs: dict[str, np.ndarray]):  # -> onnxruntime.InferenceSession
+        """The static-shape session whose shapes ``inputs`` match exactly, else the dynamic."""
+        for shapes, session in self.static_sessions:
+            if all(
+                name in inputs and tuple(inputs[name].shape) == dims
+                for name, dims in shapes.items()
+            ):
+                return session
+        return self.session
 
     @staticmethod
     def _spec(node) -> TensorSpec:  # node: onnxruntime.NodeArg
@@ -196,7 +279,7 @@ class OnnxRuntimeEngine:
                 for name, array in inputs.items()
             }
         try:
-            results = self.session.run(names, inputs)
+            results = self.session_for(inputs).run(names, inputs)
         except Exception as exc:
             message = str(exc)
             if (
@@ -213,6 +296,7 @@ class OnnxRuntimeEngine:
 
     def close(self) -> None:
         self.session = None
+        self.static_sessions = []
 
 
 def _to_ort_strings(name: str, array: np.ndarray) -> np.ndarray:

@@ -133,3 +133,102 @@ def test_publish_names_the_accelerator_the_winner_was_measured_on(tmp_path: Path
     plain = result_files(tmp_path, model, model, report={"engine": {}})
     publish_result(repository, "plain", plain, job_id="j4")
     assert accelerators("plain") == []
+
+
+def test_static_shapes_parse_and_reject_clearly() -> None:
+    spec = "input_ids[8,128], attention_mask[8,128]; input_ids[1,128],attention_mask[1,128]"
+    assert openvino.parse_static_shapes(spec) == [
+        {"input_ids": (8, 128), "attention_mask": (8, 128)},
+        {"input_ids": (1, 128), "attention_mask": (1, 128)},
+    ]
+    assert openvino.reshape_input({"x": (4, 64)}) == "x[4,64]"
+    for bad, words in (
+        ("x[4,-1]", "positive integer"),
+        ("x[4,a]", "positive integer"),
+        ("x[]", "positive integer"),
+        ("x 4,64", "cannot read"),
+        ("x[4,64],x[2,64]", "twice"),
+        (" ; ", "no shape set"),
+    ):
+        with pytest.raises(ValueError, match=words):
+            openvino.parse_static_shapes(bad)
+
+
+def _static_config(spec: str) -> str:
+    return OV_CONFIG.replace(
+        'value: "f32" }',
+        f'value: "f32" }}\n      parameters {{ key: "static_shapes" value: "{spec}" }}',
+    )
+
+
+@needs_plugin
+def test_static_shape_session_serves_its_shape_and_the_rest_stays_dynamic(tmp_path: Path) -> None:
+    model = _mlp(tmp_path)
+    engine = OnnxRuntimeEngine(model, parse_config(_static_config("x[4,64];x[1,64]")))
+    cpu = OnnxRuntimeEngine(model, parse_config('name: "mlp"'))
+    assert [shapes for shapes, _ in engine.static_sessions] == [{"x": (4, 64)}, {"x": (1, 64)}]
+    rng = np.random.default_rng(2)
+    for rows, static in ((4, 0), (1, 1), (3, None)):
+        x = rng.standard_normal((rows, 64)).astype(np.float32)
+        chosen = engine.session_for({"x": x})
+        if static is None:
+            assert chosen is engine.session
+        else:
+            assert chosen is engine.static_sessions[static][1]
+        got, want = engine.infer({"x": x})["y"], cpu.infer({"x": x})["y"]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    # the static session really is static: OpenVINO refuses any other shape on it
+    with pytest.raises(Exception, match=r"(?i)shape"):
+        engine.static_sessions[0][1].run(None, {"x": np.ones((3, 64), np.float32)})
+
+
+@needs_plugin
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [
+        ("tokens[4,64]", "names input 'tokens'"),
+        ("x[4,32]", "does not allow"),
+        ("x[4,64,1]", "does not allow"),
+        ("x[4;64]", "cannot read"),
+    ],
+)
+def test_bad_static_shapes_fail_the_load_with_the_reason(
+    tmp_path: Path, spec: str, words: str
+) -> None:
+    from serving.errors import RepositoryError
+
+    with pytest.raises(RepositoryError, match=words):
+        OnnxRuntimeEngine(_mlp(tmp_path), parse_config(_static_config(spec)))
+
+
+@needs_plugin
+def test_server_answers_through_a_static_shape_session(tmp_path: Path, start_server) -> None:
+    repo = tmp_path / "repo"
+    model = mlp_model(width=256, depth=3)
+    plain = {"name": "openvino", "parameters": {"INFERENCE_PRECISION_HINT": "f32"}}
+    static = {"name": "openvino", "parameters": {**plain["parameters"], "static_shapes": "x[4,64]"}}
+    broken = {"name": "openvino", "parameters": {"static_shapes": "y[4,64]"}}
+    for name, accel in (("mlp_static", static), ("mlp_plain", plain), ("mlp_broken", broken)):
+        config = {
+            "platform": "onnxruntime_onnx",
+            "max_batch_size": 8,
+            "optimization": {"execution_accelerators": {"cpu_execution_accelerator": [accel]}},
+        }
+        write_model(repo, name, model, model_config=config)
+    server = start_server(repo, "--log-level", "info")
+    client = server.client()
+    try:
+        rng = np.random.default_rng(3)
+        for rows in (4, 2):  # the static shape, then one only the dynamic session takes
+            x = rng.standard_normal((rows, 64)).astype(np.float32)
+            outs = {
+                name: client.infer(name, [infer_input("x", x)]).as_numpy("y")
+                for name in ("mlp_static", "mlp_plain")
+            }
+            np.testing.assert_allclose(outs["mlp_static"], outs["mlp_plain"], rtol=1e-4, atol=1e-4)
+        assert client.is_model_ready("mlp_static")
+        assert not client.is_model_ready("mlp_broken")
+    finally:
+        client.close()
+    assert "mlp_static: OpenVINO static-shape sessions for x[4,64]" in server.log
+    assert "static_shapes names input 'y'" in server.log
