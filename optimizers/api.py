@@ -32,6 +32,9 @@ class OptimizationRequest:
     their parent on the timing batch (the user knows the workload, e.g. padded batches for
     ``pack_padding``), and the winner is the fastest such candidate within the fidelity
     bound; the original is served only when none is (the report says why).
+    ``static_shape`` compiles OpenVINO candidates for exactly the timing shape (``batch_size``
+    x ``seq_len``), times them that way, and a winner's config lists that shape in the
+    accelerator's ``static_shapes`` (other shapes still run, on the dynamic-shape compile).
     """
 
     name: str
@@ -43,6 +46,7 @@ class OptimizationRequest:
     time_budget_s: float | None = None
     allow: tuple[str, ...] | None = None
     require: tuple[str, ...] | None = None
+    static_shape: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -53,6 +57,8 @@ class OptimizationRequest:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 raise InvalidInput(f"{key}: must be an integer in [{low}, {high}], got {value!r}")
+        if not isinstance(self.static_shape, bool):
+            raise InvalidInput(f"static_shape: must be true or false, got {self.static_shape!r}")
         if self.min_cosine is not None and not _number_in(self.min_cosine, -1.0, 1.0):
             raise InvalidInput(f"min_cosine: must be a number in [-1, 1], got {self.min_cosine!r}")
         if self.max_accuracy_drop is not None and not _number_in(self.max_accuracy_drop, 0.0, 1.0):

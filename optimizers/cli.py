@@ -39,6 +39,10 @@ def optimize(
         str | None, typer.Option(help="comma-separated passes the result must contain")
     ] = None,
     time_budget: Annotated[float | None, typer.Option(help="seconds")] = None,
+    static_shape: Annotated[
+        bool,
+        typer.Option(help="time and serve OpenVINO candidates compiled for batch x seq only"),
+    ] = False,
     repository: Annotated[
         Path | None, typer.Option(help="publish into this model repository")
     ] = None,
@@ -60,6 +64,7 @@ def optimize(
             time_budget_s=time_budget,
             allow=tuple(a.strip() for a in allow.split(",") if a.strip()) if allow else None,
             require=tuple(a.strip() for a in require.split(",") if a.strip()) if require else None,
+            static_shape=static_shape,
         )
     except SlimServeError as exc:
         console.print(f"[red]error:[/red] {exc}")

@@ -84,10 +84,16 @@ def providers_for(target: str) -> tuple[list[str], list[str]]:
 
 
 def make_session(
-    path: Path, target: str = "cpu", *, threads: int | None = None, accelerator: str | None = None
+    path: Path,
+    target: str = "cpu",
+    *,
+    threads: int | None = None,
+    accelerator: str | None = None,
+    static_shape: dict[str, tuple[int, ...]] | None = None,
 ):
     """An ONNX Runtime session for ``target`` (providers that are not installed are skipped);
-    ``accelerator="openvino"`` on the CPU target runs it on the OpenVINO plugin EP."""
+    ``accelerator="openvino"`` on the CPU target runs it on the OpenVINO plugin EP, compiled
+    for exactly ``static_shape`` when given."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -97,7 +103,7 @@ def make_session(
     if accelerator == "openvino" and target == "cpu":
         from serving.backends.openvino import add_openvino
 
-        add_openvino(options, threads=threads)
+        add_openvino(options, threads=threads, static_shape=static_shape)
         return ort.InferenceSession(str(path), options)
     _wanted, usable = providers_for(target)
     return ort.InferenceSession(str(path), options, providers=usable or ["CPUExecutionProvider"])
@@ -118,6 +124,13 @@ def graph_io(path: Path) -> tuple[list[IOSpec], list[IOSpec]]:
 
     inputs = [spec(v) for v in model.graph.input if v.name not in initializers]
     return inputs, [spec(v) for v in model.graph.output]
+
+
+def input_shapes(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    """The shapes ``feeds`` give the graph's inputs (feeds it does not take are left out)."""
+    return {
+        spec.name: tuple(feeds[spec.name].shape) for spec in graph_io(path)[0] if spec.name in feeds
+    }
 
 
 def op_counts(path: Path) -> dict[str, int]:

@@ -29,11 +29,12 @@ from optimizers.calibration import load_calibration, synthetic_feeds
 from optimizers.chains import build_chains, chain_label
 from optimizers.loaders import LoadedSource, load_source, transformer_example
 from optimizers.measure import MeasureSettings, torch_latency
-from optimizers.onnxutil import graph_io, load_model, model_files, save_model
+from optimizers.onnxutil import graph_io, input_shapes, load_model, model_files, save_model
 from optimizers.passes.base import Artifact, Cancelled, PassContext
 from optimizers.registry import LOAD_ERRORS, get_pass
 from optimizers.report import pass_plots, plot, write_json
 from optimizers.search import Search, SearchSettings
+from serving.backends.openvino import reshape_input
 from serving.errors import InvalidInput
 
 PLATFORM = "onnxruntime_onnx"
@@ -138,6 +139,7 @@ def optimize(
         measure=measure,
         pass_defaults={"target_cosine": request.min_cosine},
         required=tuple(request.require or ()),
+        static_shape=request.static_shape,
     )
 
     def on_candidate(label: str, done: int, total: int) -> None:
@@ -171,6 +173,8 @@ def optimize(
     accelerator = winner.artifact.meta.get("cpu_accelerator")
     if accelerator and platform == PLATFORM:  # measured on it: serve on it (config.pbtxt)
         report["engine"]["cpu_execution_accelerator"] = accelerator
+        if accelerator == "openvino" and request.static_shape:  # timed compiled for it
+            report["engine"]["static_shapes"] = reshape_input(input_shapes(engine, timing))
     if request.require:
         met = search.holds_required(winner)
         report["require"] = {

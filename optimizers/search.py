@@ -21,7 +21,7 @@ import numpy as np
 from optimizers.chains import Step, chain_label
 from optimizers.fidelity import compare, run_batches, within_bound
 from optimizers.measure import MeasureSettings, onnx_latency
-from optimizers.onnxutil import make_session
+from optimizers.onnxutil import input_shapes, make_session
 from optimizers.passes.base import Artifact, Cancelled, PassContext, PassNotApplicable
 from optimizers.registry import get_pass
 
@@ -90,6 +90,9 @@ class SearchSettings:
     required: tuple[str, ...] = ()
     """Passes the winner must contain; a candidate whose last step is one of them is not
     dropped for timing slower than its parent (its benefit may not show on the timing batch)."""
+    static_shape: bool = False
+    """Time OpenVINO candidates on a compile for exactly the timing feeds' shapes (fidelity
+    still comes from the dynamic-shape compile, which takes every evaluation batch)."""
 
 
 def _spreads(candidate: Candidate, parent: Candidate) -> str:
@@ -280,8 +283,20 @@ class Search:
         artifact = candidate.artifact
         accelerator = artifact.meta.get("cpu_accelerator")  # e.g. openvino_int8's candidates
         session = make_session(artifact.onnx_path, self.ctx.target, accelerator=accelerator)
+        timing_session = session
+        if accelerator == "openvino" and self.settings.static_shape:
+            timing_session = make_session(
+                artifact.onnx_path,
+                self.ctx.target,
+                accelerator=accelerator,
+                static_shape=input_shapes(artifact.onnx_path, self.timing_feeds),
+            )
         candidate.latency = onnx_latency(
-            artifact.onnx_path, self.timing_feeds, self.ctx.target, self.settings.measure, session
+            artifact.onnx_path,
+            self.timing_feeds,
+            self.ctx.target,
+            self.settings.measure,
+            timing_session,
         )
         outputs = (
             self.reference

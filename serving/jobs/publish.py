@@ -5,7 +5,8 @@ with ``config.pbtxt`` (platform from the result, ``dynamic_batching`` on, inputs
 left to auto-complete for ONNX). An existing model gets the winner, plus the original when
 no existing version holds the same bytes. ``report.json`` names ``source_version``.
 A winner measured on a CPU accelerator (``report.engine.cpu_execution_accelerator``, e.g.
-``openvino``) adds it to the model's config. A non-ONNX engine (``tensorrt_plan``:
+``openvino``) adds it to the model's config, with the ``static_shapes`` it was timed
+compiled for (``report.engine.static_shapes``, a job's ``static_shape``). A non-ONNX engine (``tensorrt_plan``:
 ``model.plan`` + ``model.plan.json``) is published the same way; its model's config selects
 only the latest version, since the original version folder holds ``model.onnx``, not the
 platform's file (one platform per model, as in Triton).
@@ -67,15 +68,24 @@ def new_model_config(platform: str, original_onnx: Path, name: str) -> mc.ModelC
     return config
 
 
-def with_cpu_accelerator(config: mc.ModelConfig, name: str) -> mc.ModelConfig | None:
-    """A copy of ``config`` naming ``cpu_execution_accelerator { name }``, or None when it
-    already does (config.pbtxt is then left as it is)."""
+def with_cpu_accelerator(
+    config: mc.ModelConfig, name: str, parameters: dict[str, str] | None = None
+) -> mc.ModelConfig | None:
+    """A copy of ``config`` naming ``cpu_execution_accelerator { name }`` with ``parameters``
+    set on it, or None when it already does (config.pbtxt is then left as it is)."""
+    parameters = parameters or {}
     accelerators = config.optimization.execution_accelerators.cpu_execution_accelerator
-    if any(accel.name == name for accel in accelerators):
+    current = next((accel for accel in accelerators if accel.name == name), None)
+    if current is not None and all(current.parameters.get(k) == v for k, v in parameters.items()):
         return None
     updated = mc.ModelConfig()
     updated.CopyFrom(config)
-    updated.optimization.execution_accelerators.cpu_execution_accelerator.add(name=name)
+    accelerators = updated.optimization.execution_accelerators.cpu_execution_accelerator
+    target = next((accel for accel in accelerators if accel.name == name), None)
+    if target is None:
+        target = accelerators.add(name=name)
+    for key, value in parameters.items():
+        target.parameters[key] = value
     return updated
 
 
@@ -127,10 +137,14 @@ def publish_result(
             )
     else:
         config = new_model_config(platform, original, name)
-    accelerator = (_report(result).get("engine") or {}).get("cpu_execution_accelerator")
+    engine_report = _report(result).get("engine") or {}
+    accelerator = engine_report.get("cpu_execution_accelerator")
     if accelerator:  # the engine was measured on it (e.g. openvino_int8): serve it there too
         base = config or repository.entry(name).config
-        config = with_cpu_accelerator(base, accelerator) or config
+        parameters = {}
+        if engine_report.get("static_shapes"):  # timed compiled for that shape: so served
+            parameters["static_shapes"] = str(engine_report["static_shapes"])
+        config = with_cpu_accelerator(base, accelerator, parameters) or config
     config_path = model_dir / "config.pbtxt"
     published = Published(
         name=name,

@@ -27,6 +27,12 @@ class OptimizeRequestBody(BaseModel):
     require: list[str] | None = Field(
         None, description="pass names the served result must contain (also allowed)"
     )
+    static_shape: bool = Field(
+        False,
+        strict=True,
+        description="time OpenVINO candidates compiled for batch_size x seq_len only, and "
+        "list that shape in the served config's static_shapes",
+    )
 
 
 def _describe(error: ValidationError) -> str:

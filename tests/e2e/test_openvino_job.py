@@ -1,8 +1,10 @@
 """Upload -> optimization job with ``openvino_int8`` -> a version served on OpenVINO.
 
 The published model's config names ``cpu_execution_accelerator { name: "openvino" }`` (the
-search measured the candidate there), the server runs it on ONNX Runtime's OpenVINO plugin
-EP, and its answers match the published ONNX file run by OpenVINO directly.
+search measured the candidate there) with the job's timing shape in ``static_shapes`` (the job
+asked for ``static_shape``), the server runs it on ONNX Runtime's OpenVINO plugin EP, and its
+answers at the static shape and at another one match the published ONNX file run by OpenVINO
+directly.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from optimizers.calibration import pydoc_sentences
 from optimizers.fidelity import compare
 from optimizers.onnxutil import make_session
 from optimizers.passes.openvino_int8 import _unusable
+from serving.backends.openvino import parse_static_shapes
 from serving.model_config import read_config
 from tests.e2e.helpers import folder_tar_gz, infer_input
 from tests.e2e.server import RemoteServer
@@ -44,6 +47,7 @@ def test_openvino_int8_job_is_served_on_openvino(tmp_path: Path) -> None:
         "seq_len": 32,
         "min_cosine": 0.9,
         "time_budget_s": 240,
+        "static_shape": True,
     }
     env = {"SLIMSERVE_JOBS_DIR": str(tmp_path / "jobs")}
     with RemoteServer(repo, "--log-level", "info", env=env) as server:
@@ -64,21 +68,38 @@ def test_openvino_int8_job_is_served_on_openvino(tmp_path: Path) -> None:
         config = read_config(repo / "bert_ov")
         accel = config.optimization.execution_accelerators.cpu_execution_accelerator
         assert [a.name for a in accel] == ["openvino"]
+        static = {"input_ids": (4, 32), "attention_mask": (4, 32), "token_type_ids": (4, 32)}
+        assert parse_static_shapes(report["engine"]["static_shapes"]) == [static]
+        assert accel[0].parameters["static_shapes"] == report["engine"]["static_shapes"]
 
         client = server.client()
         metadata = client.get_model_metadata("bert_ov", str(version))
         names = [spec["name"] for spec in metadata["inputs"]]
+        assert sorted(names) == sorted(static)
         tok = AutoTokenizer.from_pretrained(str(folder))
-        enc = tok(
-            sentences[80:84], padding=True, truncation=True, max_length=32, return_tensors="np"
-        )
-        feeds = {n: np.asarray(enc[n], np.int64) for n in names}
-        got = client.infer(
-            "bert_ov", [infer_input(n, feeds[n]) for n in names], model_version=str(version)
-        ).as_numpy(metadata["outputs"][0]["name"])
+        answers = []
+        # batch 3 runs on the dynamic-shape session, batch 4 padded to 32 on the static one
+        for rows, padding in ((3, "longest"), (4, "max_length")):
+            enc = tok(
+                sentences[80 : 80 + rows],
+                padding=padding,
+                truncation=True,
+                max_length=32,
+                return_tensors="np",
+            )
+            feeds = {n: np.asarray(enc[n], np.int64) for n in names}
+            got = client.infer(
+                "bert_ov", [infer_input(n, feeds[n]) for n in names], model_version=str(version)
+            ).as_numpy(metadata["outputs"][0]["name"])
+            answers.append((feeds, got))
         client.close()
         assert "bert_ov: cpu_execution_accelerator 'openvino'" in server.log
-    direct = make_session(folder_v / "model.onnx", accelerator="openvino").run(None, feeds)[0]
-    np.testing.assert_allclose(got, direct, rtol=1e-3, atol=1e-3)
-    fidelity = compare([[direct]], [[got]], [feeds], family="transformer")
-    assert fidelity["cosine"] > 0.9999
+        assert "bert_ov: OpenVINO static-shape sessions for" in server.log
+    assert [feeds["input_ids"].shape[0] for feeds, _ in answers] == [3, 4]
+    assert answers[1][0]["input_ids"].shape == (4, 32)
+    direct_session = make_session(folder_v / "model.onnx", accelerator="openvino")
+    for feeds, got in answers:
+        direct = direct_session.run(None, feeds)[0]
+        np.testing.assert_allclose(got, direct, rtol=1e-3, atol=1e-3)
+        fidelity = compare([[direct]], [[got]], [feeds], family="transformer")
+        assert fidelity["cosine"] > 0.9999

@@ -98,6 +98,7 @@ def test_fp16_in_gpu_chains_and_measured_on_cpu() -> None:
         ({"time_budget_s": 0}, "time_budget_s"),
         ({"allow": "fp16"}, "allow"),
         ({"name": ""}, "name"),
+        ({"static_shape": "yes"}, "static_shape"),
     ],
 )
 def test_request_validation_names_the_field(kwargs: dict, field: str) -> None:

@@ -232,3 +232,37 @@ def test_server_answers_through_a_static_shape_session(tmp_path: Path, start_ser
         client.close()
     assert "mlp_static: OpenVINO static-shape sessions for x[4,64]" in server.log
     assert "static_shapes names input 'y'" in server.log
+
+
+def test_publish_carries_the_static_shape_the_winner_was_timed_at(tmp_path: Path) -> None:
+    from serving.jobs.publish import publish_result
+    from serving.model_config import read_config
+    from serving.repository import ModelRepository
+    from tests.serving.test_jobs_publish import result_files
+
+    (tmp_path / "repo").mkdir()
+    repository = ModelRepository(tmp_path / "repo")
+    model = mlp_model(width=32, depth=2)
+
+    def engine(shapes: str) -> dict:
+        return {
+            "engine": {
+                "platform": "onnxruntime_onnx",
+                "cpu_execution_accelerator": "openvino",
+                "static_shapes": shapes,
+            }
+        }
+
+    def parameters() -> list[dict[str, str]]:
+        config = read_config(repository.root / "m")
+        accels = config.optimization.execution_accelerators.cpu_execution_accelerator
+        return [dict(a.parameters) for a in accels]
+
+    publish_result(
+        repository, "m", result_files(tmp_path, model, model, report=engine("x[8,64]")), job_id="j1"
+    )
+    assert parameters() == [{"static_shapes": "x[8,64]"}]
+    publish_result(
+        repository, "m", result_files(tmp_path, model, model, report=engine("x[1,64]")), job_id="j2"
+    )
+    assert parameters() == [{"static_shapes": "x[1,64]"}]  # one accelerator, shape updated
