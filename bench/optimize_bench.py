@@ -114,6 +114,7 @@ def main() -> None:
 
     batches = [int(b) for b in args.batches.split(",")]
     results: dict[str, dict[int, float]] = {label: {} for label in contenders}
+    round_ratios: dict[str, dict[int, dict[str, float]]] = {}
     for batch in batches:
         feeds = transformer_example(meta, batch, args.seq_len, seed=11)
         tensors = {k: torch.from_numpy(v) for k, v in feeds.items()}
@@ -133,14 +134,27 @@ def main() -> None:
             call()
             calls[label] = call
         times: dict[str, list[float]] = {label: [] for label in contenders}
+        round_ms: dict[str, list[float]] = {label: [] for label in contenders}
         for _round in range(args.rounds):
             for label, call in calls.items():
+                runs = []
                 for _ in range(args.runs):
                     t0 = time.perf_counter()
                     call()
-                    times[label].append((time.perf_counter() - t0) * 1000)
+                    runs.append((time.perf_counter() - t0) * 1000)
+                times[label] += runs
+                round_ms[label].append(statistics.median(runs))
         for label in contenders:
             results[label][batch] = statistics.median(times[label])
+            # the host's speed drifts within a run: each round's ratio to that round's eager
+            ratios = [
+                e / t for e, t in zip(round_ms["pytorch eager fp32"], round_ms[label], strict=True)
+            ]
+            round_ratios.setdefault(label, {})[batch] = {
+                "median": statistics.median(ratios),
+                "min": min(ratios),
+                "max": max(ratios),
+            }
         print(
             f"batch {batch}: " + ", ".join(f"{k}={v[batch]:.1f}" for k, v in results.items()),
             flush=True,
@@ -174,6 +188,12 @@ def main() -> None:
     print()
     print(table)
     print()
+    for label in contenders:
+        spread = ", ".join(
+            f"b{b} {r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f})"
+            for b, r in round_ratios[label].items()
+        )
+        print(f"- {label}: per-round speed-up vs eager, median (min-max): {spread}")
     dropped = [c for c in report["candidates"] if c["status"] == "dropped"]
     for c in dropped:
         print(f"- {c['id']} {c['label']}: {c['reason']}")
@@ -201,6 +221,7 @@ def main() -> None:
                 "load_average": os.getloadavg(),
                 "batches": batches,
                 "median_ms": results,
+                "per_round_speedup_vs_eager": round_ratios,
                 "table": table,
                 "pipeline_seconds": pipeline_seconds,
                 "report": report,

@@ -6,8 +6,9 @@ left to auto-complete for ONNX). An existing model gets the winner, plus the ori
 no existing version holds the same bytes. ``report.json`` names ``source_version``.
 A winner measured on a CPU accelerator (``report.engine.cpu_execution_accelerator``, e.g.
 ``openvino``) adds it to the model's config, with the ``static_shapes`` it was timed
-compiled for (``report.engine.static_shapes``, a job's ``static_shape``). A non-ONNX engine (``tensorrt_plan``:
-``model.plan`` + ``model.plan.json``) is published the same way; its model's config selects
+compiled for (``report.engine.static_shapes``, a job's ``static_shape``). A non-ONNX engine
+(``tensorrt_plan``: ``model.plan`` + ``model.plan.json``) is published the same way; its
+model's config selects
 only the latest version, since the original version folder holds ``model.onnx``, not the
 platform's file (one platform per model, as in Triton).
 """
