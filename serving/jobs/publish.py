@@ -8,9 +8,8 @@ A winner measured on a CPU accelerator (``report.engine.cpu_execution_accelerato
 ``openvino``) adds it to the model's config, with the ``static_shapes`` it was timed
 compiled for (``report.engine.static_shapes``, a job's ``static_shape``). A non-ONNX engine
 (``tensorrt_plan``: ``model.plan`` + ``model.plan.json``) is published the same way; its
-model's config selects
-only the latest version, since the original version folder holds ``model.onnx``, not the
-platform's file (one platform per model, as in Triton).
+model's config selects only the latest version, since the original version folder holds
+``model.onnx``, not the platform's file (one platform per model, as in Triton).
 """
 
 from __future__ import annotations
