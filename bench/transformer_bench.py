@@ -715,16 +715,14 @@ def route_session(path: Path, threads: int, accelerator: str | None, batch: dict
         return ort_session(path, threads=threads)
     import onnxruntime as ort
 
+    from optimizers.onnxutil import input_shapes
     from serving.backends.openvino import add_openvino
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     hint = {"INFERENCE_PRECISION_HINT": "f32"} if accelerator == "openvino-f32" else {}
-    static = None
-    if accelerator == "openvino-static":
-        names = {i.name for i in ort_session(path, threads=1).get_inputs()}
-        static = {k: tuple(v.shape) for k, v in batch.items() if k in names}
+    static = input_shapes(path, batch) if accelerator == "openvino-static" else None
     # strict: no node left to ORT's CPU provider
     add_openvino(opts, hint, threads=threads, strict=True, static_shape=static)
     return ort.InferenceSession(str(path), opts)
