@@ -522,6 +522,20 @@ def combined_section(
     paths["hf original +fusion+cpu_unfuse+int8"] = quantize_all(
         cpu_unfused(hf_fused, work / "c_hf.unfused.onnx"), work / "c_hf.unfused.int8.onnx"
     )
+    # OpenVINO INT8 (the pipeline's pass) on the structurally pruned exports too, served
+    # compiled for the timed shape; token-pruned graphs are left to ORT
+    accel: dict[str, str] = {}
+    from optimizers.passes.openvino_int8 import _unusable
+
+    if _unusable():
+        log(f"OpenVINO routes skipped: {_unusable()}")
+    else:
+        sources = {n: work / f"c_{n}.onnx" for n in modules if "tokens" not in n}
+        sources["hf original"] = work / "hf_padded.onnx"
+        for name, src in sources.items():
+            route = f"{name} +openvino_int8 (static shape)"
+            paths[route] = pipeline_pass("openvino_int8", src, work / f"ov_{name}", calibration=cal)
+            accel[route] = "openvino-static"
     with torch.no_grad():
         ref = mean_pool(hf(**tb).last_hidden_state, tb["attention_mask"]).numpy()
         fid_refs = [
@@ -533,7 +547,8 @@ def combined_section(
         ]
     fidelity = {}
     for name, path in paths.items():
-        s = ort_session(path)
+        # held-out batches have other shapes: the dynamic-shape compile of the same graph
+        s = route_session(path, 2, "openvino") if name in accel else ort_session(path)
         held = np.concatenate(
             [cosine(r, pooled_ort(s, x)) for r, x in zip(fid_refs, fid_batches, strict=True)]
         )
@@ -545,7 +560,7 @@ def combined_section(
     result: dict = {"token_pruning": notes, "fused_operators": fused_ops, "threads": {}}
     for threads in (2, 1):
         torch.set_num_threads(threads)
-        sessions = {k: ort_session(p, threads=threads) for k, p in paths.items()}
+        sessions = {k: route_session(p, threads, accel.get(k), b) for k, p in paths.items()}
 
         def eager():
             with torch.no_grad():
