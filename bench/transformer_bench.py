@@ -107,7 +107,7 @@ def quantize(src: Path, dst: Path) -> Path:
     return dst
 
 
-STAGES = ("fisher_s", "search_s", "rearrange_s", "tune_s", "check_s", "total_s", "cpu_s")
+STAGES = ("fisher_s", "search_s", "rearrange_s", "tune_s", "check_s", "refit_s", "total_s", "cpu_s")
 
 
 def prune_section(enc, cal_batches: list, held_batches: list, budgets: list[float]):
@@ -126,7 +126,10 @@ def prune_section(enc, cal_batches: list, held_batches: list, budgets: list[floa
     rows, models = [], {}
     for keep in budgets:
         untuned, _ = structured_prune(
-            enc, cal_batches, PruneConfig(flops_keep=keep, tune=False), stats=stats
+            enc, cal_batches, PruneConfig(flops_keep=keep, tune=False, refit=False), stats=stats
+        )
+        unrefitted, _ = structured_prune(
+            enc, cal_batches, PruneConfig(flops_keep=keep, refit=False), stats=stats
         )
         load = os.getloadavg()
         pruned, rep = structured_prune(enc, cal_batches, PruneConfig(flops_keep=keep))
@@ -149,13 +152,16 @@ def prune_section(enc, cal_batches: list, held_batches: list, budgets: list[floa
             "calibration_cosine_untuned": rep.get("calibration_cosine_untuned"),
             "calibration_cosine_tuned": rep.get("calibration_cosine_tuned"),
             "held_out_cosine_untuned": held_cosine(untuned),
+            "held_out_cosine_tuned_no_refit": held_cosine(unrefitted),
             "held_out_cosine": held_cosine(pruned),
+            "refit": {k: v for k, v in rep.get("refit", {}).items() if k != "layers"},
         }
         rows.append(row)
         log(
             f"keep {keep}: pass {rep['total_s']:.1f} s wall / {rep['cpu_s']:.1f} s CPU, "
             f"stages {row['stages_s']}, held-out cosine {row['held_out_cosine']['mean']:.4f} "
-            f"(untuned {row['held_out_cosine_untuned']['mean']:.4f}), load {load[0]:.1f}"
+            f"(untuned {row['held_out_cosine_untuned']['mean']:.4f}, tuned without refit "
+            f"{row['held_out_cosine_tuned_no_refit']['mean']:.4f}), load {load[0]:.1f}"
         )
         log(json.dumps(row))
     return models, {

@@ -54,7 +54,8 @@ class _TransformerPass(Pass):
 
 @register_pass
 class StructPrune(_TransformerPass):
-    """Retraining-free structured pruning of heads and FFN neurons (Kwon et al. 2022)."""
+    """Retraining-free structured pruning of heads and FFN neurons (Kwon et al. 2022), then
+    the output projections refitted by least squares (``refit``; see ``projection_refit``)."""
 
     name = "struct_prune"
 
@@ -64,6 +65,7 @@ class StructPrune(_TransformerPass):
         rearrange: bool = True
         tune: bool = True
         max_batches: int = 32
+        refit: bool = True
 
         def __post_init__(self) -> None:
             PruneConfig(flops_keep=self.flops_keep)  # validates, naming the field
@@ -76,6 +78,7 @@ class StructPrune(_TransformerPass):
             rearrange=self.config.rearrange,
             tune=self.config.tune,
             max_batches=self.config.max_batches,
+            refit=self.config.refit,
         )
         pruned, report = structured_prune(
             encoder,
