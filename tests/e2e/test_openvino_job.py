@@ -97,9 +97,12 @@ def test_openvino_int8_job_is_served_on_openvino(tmp_path: Path) -> None:
         assert "bert_ov: OpenVINO static-shape sessions for" in server.log
     assert [feeds["input_ids"].shape[0] for feeds, _ in answers] == [3, 4]
     assert answers[1][0]["input_ids"].shape == (4, 32)
-    direct_session = make_session(folder_v / "model.onnx", accelerator="openvino")
-    for feeds, got in answers:
-        direct = direct_session.run(None, feeds)[0]
-        np.testing.assert_allclose(got, direct, rtol=1e-3, atol=1e-3)
-        fidelity = compare([[direct]], [[got]], [feeds], family="transformer")
-        assert fidelity["cosine"] > 0.9999
+    path = folder_v / "model.onnx"
+    dynamic = make_session(path, accelerator="openvino")
+    static_session = make_session(path, accelerator="openvino", static_shape=static)
+    # each answer equals OpenVINO's own compile for that shape (the static and the dynamic
+    # compile differ in the last digits: up to ~1.4e-3 seen in the CI simulation)
+    for (feeds, got), session in zip(answers, (dynamic, static_session), strict=True):
+        np.testing.assert_allclose(got, session.run(None, feeds)[0], rtol=1e-3, atol=1e-3)
+        want = dynamic.run(None, feeds)[0]
+        assert compare([[want]], [[got]], [feeds], family="transformer")["cosine"] > 0.9999
