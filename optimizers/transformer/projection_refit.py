@@ -25,14 +25,14 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from optimizers.transformer.encoder import SlimEncoder, key_bias, mean_pool
+from optimizers.transformer.encoder import SlimEncoder, mean_pool
 from optimizers.transformer.structured_prune import (
     Batch,
     _context,
     _rel_err,
-    _torch_batch,
     _unflatten,
-    tuning_batches,
+    layer_targets,
+    real_token_batches,
 )
 
 MIN_TOKENS_PER_PARAMETER = 4
@@ -104,11 +104,8 @@ def refit_projections(
     its own inputs, against ``teacher``'s outputs); returns the per-sublayer held-out errors
     and the held-out pooled cosine before and after. ``pruned`` is left as it was when the
     refit does not bring its held-out embeddings closer to the teacher's."""
-    batches = tuning_batches(calibration, max_tokens, teacher.spec.pad_token_id)
-    tensors = [_torch_batch(b) for b in batches]
+    batches, tensors, real, biases = real_token_batches(teacher, calibration, max_tokens)
     masks = [mask for _, mask in tensors]
-    real = [mask.bool() for mask in masks]
-    biases = [key_bias(mask) for mask in masks]
     held_out = [i % 5 == 4 for i in range(len(batches))] if len(batches) >= 5 else None
     if held_out is None:
         return {"skipped": f"{len(batches)} calibration batches; refit needs at least 5"}
@@ -133,10 +130,7 @@ def refit_projections(
     for index, (t_layer, s_layer) in enumerate(zip(teacher.layers, pruned.layers, strict=True)):
         if check is not None:
             check()
-        xt = torch.cat([h[r] for h, r in zip(t_hidden, real, strict=True)])
-        t_pre1 = t_layer.o(_context(t_layer, t_hidden, biases, real)) + xt
-        t1 = t_layer.ln1(t_pre1)
-        t_pre2 = t_layer.fo(t_layer.act(t_layer.fi(t1))) + t1
+        t_pre1, _, t_pre2, t_out = layer_targets(t_layer, t_hidden, biases, real)
         xs = torch.cat([h[r] for h, r in zip(s_hidden, real, strict=True)])
         if s_layer.heads:
             ctx = _context(s_layer, s_hidden, biases, real)
@@ -147,7 +141,7 @@ def refit_projections(
         act = s_layer.act(s_layer.fi(h1))
         ffn = _refit_linear(s_layer.fo, s_layer.ln2, act, h1, t_pre2, fit, damp)
         layers.append({"layer": index, "attention": attention, "ffn": ffn})
-        t_hidden = _unflatten(t_layer.ln2(t_pre2), real)
+        t_hidden = _unflatten(t_out, real)
         s_hidden = _unflatten(s_layer.ln2(s_layer.fo(act) + h1), real)
     after = pooled_cosine(pruned)
     kept = after >= before

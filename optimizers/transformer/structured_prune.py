@@ -427,6 +427,30 @@ def _unflatten(flat: torch.Tensor, real: list[torch.Tensor]) -> list[torch.Tenso
     return out
 
 
+def real_token_batches(
+    encoder: SlimEncoder, calibration: Sequence[Batch], max_tokens: int
+) -> tuple[list[Batch], list[tuple[torch.Tensor, torch.Tensor]], list, list]:
+    """``tuning_batches`` as (ids, mask) tensors, with each batch's real-token mask and
+    attention key bias."""
+    batches = tuning_batches(calibration, max_tokens, encoder.spec.pad_token_id)
+    tensors = [_torch_batch(b) for b in batches]
+    real = [mask.bool() for _, mask in tensors]
+    biases = [key_bias(mask) for _, mask in tensors]
+    return batches, tensors, real, biases
+
+
+def layer_targets(
+    layer: SlimLayer, hidden: list[torch.Tensor], biases: list, real: list
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An unpruned layer on the real tokens of ``hidden``: pre- and post-LayerNorm outputs
+    of its attention and FFN sublayers, ``[N, d]`` each."""
+    x = torch.cat([h[r] for h, r in zip(hidden, real, strict=True)])
+    pre1 = layer.o(_context(layer, hidden, biases, real)) + x
+    out1 = layer.ln1(pre1)
+    pre2 = layer.fo(layer.act(layer.fi(out1))) + out1
+    return pre1, out1, pre2, layer.ln2(pre2)
+
+
 @dataclass
 class TuningRun:
     """Tuned masks, per-layer errors, and the pooled, normalised embeddings of the unpruned
@@ -461,10 +485,7 @@ def run_tuning(
     student computes only its kept heads and neurons. Errors reported are relative
     post-LayerNorm errors against the teacher.
     """
-    batches = tuning_batches(calibration, max_tokens, encoder.spec.pad_token_id)
-    tensors = [_torch_batch(b) for b in batches]
-    real = [mask.bool() for _, mask in tensors]
-    biases = [key_bias(mask) for _, mask in tensors]
+    batches, tensors, real, biases = real_token_batches(encoder, calibration, max_tokens)
     teacher = [encoder.embed(ids, mask) for ids, mask in tensors]
     student = [h.clone() for h in teacher]
     tuned = Masks(heads=masks.heads, neurons=masks.neurons)
@@ -475,9 +496,7 @@ def run_tuning(
         kept_h, kept_n = masks.heads[li], masks.neurons[li]
         sub = _slice_layer(layer, kept_h, kept_n, None, None)
         # ---- teacher, real tokens only
-        xt = torch.cat([h[r] for h, r in zip(teacher, real, strict=True)])
-        t1 = layer.ln1(layer.o(_context(layer, teacher, biases, real)) + xt)
-        t2 = layer.ln2(layer.fo(layer.act(layer.fi(t1))) + t1)
+        _, t1, _, t2 = layer_targets(layer, teacher, biases, real)
         # ---- student attention: one contribution per kept head
         xs = torch.cat([h[r] for h, r in zip(student, real, strict=True)])
         n_tok, d = xs.shape

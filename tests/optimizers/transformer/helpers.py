@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
-from optimizers.transformer.encoder import SlimEncoder, random_encoder
+from optimizers.transformer.encoder import SlimEncoder, mean_pool, random_encoder
 
 
 def tiny_encoder(seed: int = 0, layers: int = 2) -> SlimEncoder:
@@ -26,3 +27,18 @@ def random_batches(
         ids[mask == 0] = 0
         out.append({"input_ids": ids, "attention_mask": mask})
     return out
+
+
+@torch.no_grad()
+def pooled_relative_error(
+    teacher: SlimEncoder, model: SlimEncoder, batches: list[dict[str, np.ndarray]]
+) -> float:
+    """Mean over examples of |pooled(model) - pooled(teacher)| / |pooled(teacher)|."""
+    errors = []
+    for batch in batches:
+        ids = torch.as_tensor(batch["input_ids"])
+        mask = torch.as_tensor(batch["attention_mask"])
+        want = mean_pool(teacher(ids, mask), mask)
+        got = mean_pool(model(ids, mask), mask)
+        errors.append(((got - want).norm(dim=1) / want.norm(dim=1)).numpy())
+    return float(np.concatenate(errors).mean())

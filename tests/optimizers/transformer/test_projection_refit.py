@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 
-from optimizers.transformer.encoder import mean_pool
 from optimizers.transformer.projection_refit import refit_projections
 from optimizers.transformer.structured_prune import PruneConfig, structured_prune
-from tests.optimizers.transformer.helpers import random_batches, tiny_encoder
+from tests.optimizers.transformer.helpers import (
+    pooled_relative_error,
+    random_batches,
+    tiny_encoder,
+)
 
 
 @pytest.fixture(scope="module")
@@ -22,18 +24,6 @@ def setup():
         encoder, calibration, PruneConfig(flops_keep=0.5, seq_len=24, refit=False)
     )
     return encoder, calibration, pruned
-
-
-@torch.no_grad()
-def _pooled_error(teacher, model, batches) -> float:
-    errors = []
-    for batch in batches:
-        ids = torch.as_tensor(batch["input_ids"])
-        mask = torch.as_tensor(batch["attention_mask"])
-        want = mean_pool(teacher(ids, mask), mask)
-        got = mean_pool(model(ids, mask), mask)
-        errors.append(((got - want).norm(dim=1) / want.norm(dim=1)).numpy())
-    return float(np.concatenate(errors).mean())
 
 
 def test_refit_brings_unseen_text_closer_and_changes_only_output_projections(setup):
@@ -56,7 +46,9 @@ def test_refit_brings_unseen_text_closer_and_changes_only_output_projections(set
             assert torch.equal(getattr(old, linear).weight, getattr(new, linear).weight)
     assert refitted >= 2
     unseen = random_batches(8, 8, 24, seed=99)
-    assert _pooled_error(encoder, model, unseen) < 0.9 * _pooled_error(encoder, pruned, unseen)
+    assert pooled_relative_error(encoder, model, unseen) < 0.9 * pooled_relative_error(
+        encoder, pruned, unseen
+    )
 
 
 def test_refit_skips_sublayers_with_too_few_tokens(setup):

@@ -28,7 +28,11 @@ from optimizers.transformer.structured_prune import (
     tune_masks,
     tuning_batches,
 )
-from tests.optimizers.transformer.helpers import random_batches, tiny_encoder
+from tests.optimizers.transformer.helpers import (
+    pooled_relative_error,
+    random_batches,
+    tiny_encoder,
+)
 
 
 @pytest.fixture(scope="module")
@@ -180,18 +184,8 @@ def test_mask_tuning_lowers_end_to_end_error(calibration, outliers):
         assert e["attention_error_after"] <= e["attention_error_before"]
         assert e["ffn_error_after"] <= e["ffn_error_before"]
 
-    def error(model) -> float:
-        errs = []
-        for batch in calibration:
-            ids = torch.as_tensor(batch["input_ids"])
-            mask = torch.as_tensor(batch["attention_mask"])
-            want = mean_pool(enc(ids, mask), mask)
-            got = mean_pool(model(ids, mask), mask)
-            errs.append(((got - want).norm(dim=1) / want.norm(dim=1)).numpy())
-        return float(np.concatenate(errs).mean())
-
-    untuned_err = error(apply_masks(enc, masks))
-    tuned_err = error(apply_masks(enc, tuned))
+    untuned_err = pooled_relative_error(enc, apply_masks(enc, masks), calibration)
+    tuned_err = pooled_relative_error(enc, apply_masks(enc, tuned), calibration)
     assert tuned_err < 0.9 * untuned_err
 
 
