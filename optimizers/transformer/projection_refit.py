@@ -105,10 +105,10 @@ def refit_projections(
     and the held-out pooled cosine before and after. ``pruned`` is left as it was when the
     refit does not bring its held-out embeddings closer to the teacher's."""
     batches, tensors, real, biases = real_token_batches(teacher, calibration, max_tokens)
-    masks = [mask for _, mask in tensors]
-    held_out = [i % 5 == 4 for i in range(len(batches))] if len(batches) >= 5 else None
-    if held_out is None:
+    if len(batches) < 5:
         return {"skipped": f"{len(batches)} calibration batches; refit needs at least 5"}
+    masks = [mask for _, mask in tensors]
+    held_out = [i % 5 == 4 for i in range(len(batches))]
     fit = torch.cat(
         [
             torch.full((int(r.sum()),), not h, dtype=torch.bool)
@@ -116,10 +116,11 @@ def refit_projections(
         ]
     )
     val_ids = [i for i, h in enumerate(held_out) if h]
+    val_masks = [masks[i] for i in val_ids]
+    want = _pooled([teacher(*tensors[i]) for i in val_ids], val_masks)
 
     def pooled_cosine(model: SlimEncoder) -> float:
-        want = _pooled([teacher(*tensors[i]) for i in val_ids], [masks[i] for i in val_ids])
-        got = _pooled([model(*tensors[i]) for i in val_ids], [masks[i] for i in val_ids])
+        got = _pooled([model(*tensors[i]) for i in val_ids], val_masks)
         return float((want * got).sum(-1).mean())
 
     before = pooled_cosine(pruned)
