@@ -86,17 +86,18 @@ def test_disconnected_client_is_not_computed(server: RemoteServer) -> None:
     url = f"{server.url}/v2/models/slow_cancel/infer"
     before = _stats(server, "slow_cancel")["execution_count"]
     with ThreadPoolExecutor(2) as pool:
-        # three ~40 ms batches keep the only instance busy (~120 ms) for longer than the four
-        # impatient clients (20 ms each) take to queue up behind it and leave, so none of them
-        # should reach the engine; one is tolerated for scheduling jitter on a loaded machine
-        busy = [pool.submit(_burst, url, 3, _body())]
+        # five ~40 ms batches keep the only instance busy (~200 ms) for well over the time the
+        # four impatient clients (20 ms each) take to queue up behind it and leave, so none of
+        # them should reach the engine; one is tolerated for scheduling jitter on a loaded
+        # machine (three busy batches, ~120 ms, let 2 through once at load ~3)
+        busy = [pool.submit(_burst, url, 5, _body())]
         time.sleep(0.03)
         with httpx.Client(timeout=0.02) as impatient:
             for _ in range(4):
                 with pytest.raises(httpx.TimeoutException):
                     impatient.post(url, json=_body())
         done = busy[0].result()
-    assert [r.status_code for r in done] == [200, 200, 200]
+    assert [r.status_code for r in done] == [200] * 5
     time.sleep(0.3)
     executed = _stats(server, "slow_cancel")["execution_count"] - before
-    assert executed <= 4, f"{executed - 3} requests of clients that disconnected were computed"
+    assert executed <= 6, f"{executed - 5} requests of clients that disconnected were computed"
