@@ -533,8 +533,9 @@ def combined_section(
     accel: dict[str, str] = {}
     from optimizers.passes.openvino_int8 import _unusable
 
-    if _unusable():
-        log(f"OpenVINO routes skipped: {_unusable()}")
+    reason = _unusable()
+    if reason:
+        log(f"OpenVINO routes skipped: {reason}")
     else:
         sources = {n: work / f"c_{n}.onnx" for n in modules if "tokens" not in n}
         sources["hf original"] = work / "hf_padded.onnx"

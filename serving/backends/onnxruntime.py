@@ -135,16 +135,22 @@ def cpu_accelerator(config: mc.ModelConfig, options) -> str | None:  # ort.Sessi
     return None
 
 
+def openvino_accelerator(config: mc.ModelConfig):  # -> mc ExecutionAccelerator | None
+    """The config's ``cpu_execution_accelerator { name: "openvino" }`` entry, if any."""
+    accelerators = config.optimization.execution_accelerators.cpu_execution_accelerator
+    return next((accel for accel in accelerators if accel.name == "openvino"), None)
+
+
 def openvino_static_shapes(config: mc.ModelConfig) -> list[dict[str, tuple[int, ...]]]:
     """The ``static_shapes`` parameter of the ``openvino`` accelerator, parsed (empty when
     absent); a malformed value is a repository error that names the model."""
-    for accel in config.optimization.execution_accelerators.cpu_execution_accelerator:
-        if accel.name == "openvino" and openvino.STATIC_SHAPES in accel.parameters:
-            try:
-                return openvino.parse_static_shapes(accel.parameters[openvino.STATIC_SHAPES])
-            except ValueError as exc:
-                raise RepositoryError(f"{config.name}: {exc}") from None
-    return []
+    accel = openvino_accelerator(config)
+    if accel is None or openvino.STATIC_SHAPES not in accel.parameters:
+        return []
+    try:
+        return openvino.parse_static_shapes(accel.parameters[openvino.STATIC_SHAPES])
+    except ValueError as exc:
+        raise RepositoryError(f"{config.name}: {exc}") from None
 
 
 class OnnxRuntimeEngine:
@@ -234,16 +240,11 @@ class OnnxRuntimeEngine:
         import onnxruntime as ort
 
         options = session_options(config)
-        accel = next(
-            a
-            for a in config.optimization.execution_accelerators.cpu_execution_accelerator
-            if a.name == "openvino"
-        )
         intra = _parameter(config, "intra_op_thread_count")
         try:
             openvino.add_openvino(
                 options,
-                dict(accel.parameters),
+                dict(openvino_accelerator(config).parameters),
                 int(intra) if intra else None,
                 static_shape=shapes,
             )
