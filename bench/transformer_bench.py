@@ -107,13 +107,24 @@ def quantize(src: Path, dst: Path) -> Path:
     return dst
 
 
-STAGES = ("fisher_s", "search_s", "rearrange_s", "tune_s", "check_s", "refit_s", "total_s", "cpu_s")
+STAGES = (
+    "fisher_s",
+    "search_s",
+    "obs_s",
+    "rearrange_s",
+    "tune_s",
+    "check_s",
+    "refit_s",
+    "total_s",
+    "cpu_s",
+)
 
 
 def prune_section(enc, cal_batches: list, held_batches: list, budgets: list[float]):
     """Structured pruning at each FLOPs budget, each a full end-to-end pass (Fisher, search,
-    rearrangement, tuning, removal, accept check) with per-stage seconds; the untuned
-    models for comparison reuse one shared Fisher pass. Held-out cosine of both."""
+    structured OBS, removal) with per-stage seconds; the models for comparison (Kwon's
+    path: untuned, tuned, tuned + refit) reuse one shared Fisher pass. Held-out cosine of
+    all."""
     log("== structured pruning")
     refs = pooled_embeddings(enc, held_batches)
 
@@ -125,12 +136,14 @@ def prune_section(enc, cal_batches: list, held_batches: list, budgets: list[floa
     stats = fisher_gradients(enc, cal_batches)
     rows, models = [], {}
     for keep in budgets:
+        kwon = {"flops_keep": keep, "selection": "fisher"}
         untuned, _ = structured_prune(
-            enc, cal_batches, PruneConfig(flops_keep=keep, tune=False, refit=False), stats=stats
+            enc, cal_batches, PruneConfig(**kwon, tune=False, refit=False), stats=stats
         )
         unrefitted, _ = structured_prune(
-            enc, cal_batches, PruneConfig(flops_keep=keep, refit=False), stats=stats
+            enc, cal_batches, PruneConfig(**kwon, refit=False), stats=stats
         )
+        refitted, _ = structured_prune(enc, cal_batches, PruneConfig(**kwon), stats=stats)
         load = os.getloadavg()
         pruned, rep = structured_prune(enc, cal_batches, PruneConfig(flops_keep=keep))
         models[keep] = pruned
@@ -153,15 +166,19 @@ def prune_section(enc, cal_batches: list, held_batches: list, budgets: list[floa
             "calibration_cosine_tuned": rep.get("calibration_cosine_tuned"),
             "held_out_cosine_untuned": held_cosine(untuned),
             "held_out_cosine_tuned_no_refit": held_cosine(unrefitted),
+            "held_out_cosine_tuned_refit": held_cosine(refitted),
             "held_out_cosine": held_cosine(pruned),
+            "technique": rep["technique"],
+            "obs": {k: v for k, v in rep.get("obs", {}).items() if k != "layers"},
             "refit": {k: v for k, v in rep.get("refit", {}).items() if k != "layers"},
         }
         rows.append(row)
         log(
             f"keep {keep}: pass {rep['total_s']:.1f} s wall / {rep['cpu_s']:.1f} s CPU, "
             f"stages {row['stages_s']}, held-out cosine {row['held_out_cosine']['mean']:.4f} "
-            f"(untuned {row['held_out_cosine_untuned']['mean']:.4f}, tuned without refit "
-            f"{row['held_out_cosine_tuned_no_refit']['mean']:.4f}), load {load[0]:.1f}"
+            f"(Kwon: untuned {row['held_out_cosine_untuned']['mean']:.4f}, tuned "
+            f"{row['held_out_cosine_tuned_no_refit']['mean']:.4f}, tuned + refit "
+            f"{row['held_out_cosine_tuned_refit']['mean']:.4f}), load {load[0]:.1f}"
         )
         log(json.dumps(row))
     return models, {

@@ -85,10 +85,24 @@ def _refit_linear(
     return row
 
 
-def _pooled(hidden: list[torch.Tensor], masks: list[torch.Tensor]) -> torch.Tensor:
+def pooled(hidden: list[torch.Tensor], masks: list[torch.Tensor]) -> torch.Tensor:
+    """Mean-pooled, L2-normalised rows of every batch in ``hidden``, concatenated."""
     return torch.cat(
         [F.normalize(mean_pool(h, m), dim=-1) for h, m in zip(hidden, masks, strict=True)]
     )
+
+
+def held_out_split(real: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+    """Every fifth tuning batch is held out: (``fit`` flag per real token, held-out batch
+    indices)."""
+    held_out = [i % 5 == 4 for i in range(len(real))]
+    fit = torch.cat(
+        [
+            torch.full((int(r.sum()),), not h, dtype=torch.bool)
+            for r, h in zip(real, held_out, strict=True)
+        ]
+    )
+    return fit, [i for i, h in enumerate(held_out) if h]
 
 
 @torch.no_grad()
@@ -108,19 +122,12 @@ def refit_projections(
     if len(batches) < 5:
         return {"skipped": f"{len(batches)} calibration batches; refit needs at least 5"}
     masks = [mask for _, mask in tensors]
-    held_out = [i % 5 == 4 for i in range(len(batches))]
-    fit = torch.cat(
-        [
-            torch.full((int(r.sum()),), not h, dtype=torch.bool)
-            for r, h in zip(real, held_out, strict=True)
-        ]
-    )
-    val_ids = [i for i, h in enumerate(held_out) if h]
+    fit, val_ids = held_out_split(real)
     val_masks = [masks[i] for i in val_ids]
-    want = _pooled([teacher(*tensors[i]) for i in val_ids], val_masks)
+    want = pooled([teacher(*tensors[i]) for i in val_ids], val_masks)
 
     def pooled_cosine(model: SlimEncoder) -> float:
-        got = _pooled([model(*tensors[i]) for i in val_ids], val_masks)
+        got = pooled([model(*tensors[i]) for i in val_ids], val_masks)
         return float((want * got).sum(-1).mean())
 
     before = pooled_cosine(pruned)

@@ -619,14 +619,20 @@ def pooled_embeddings(model: SlimEncoder, calibration: Sequence[Batch]) -> list[
     return out
 
 
+SELECTIONS = ("obs", "fisher")
+
+
 @dataclass(frozen=True)
 class PruneConfig:
     """Structured pruning settings.
 
-    ``max_tokens`` real calibration tokens are used for mask tuning (and the accept check),
-    with ``gn_steps`` Gauss-Newton steps per sublayer. ``refit`` then refits the output
-    projections on up to ``refit_max_tokens`` tokens of all the calibration data (ridge
-    ``refit_damp``; see ``projection_refit``).
+    ``selection`` picks which heads/neurons each layer keeps (the counts come from Kwon's
+    Fisher search either way): ``"obs"`` chooses and compensates them by structured OBS on
+    up to ``refit_max_tokens`` tokens of all the calibration data (ridges ``obs_damp`` for
+    the search and ``refit_damp`` for the final fit; see ``obs_selection``) and falls back
+    to ``"fisher"`` when there is too little data; ``"fisher"`` is Kwon's rearrangement and
+    mask tuning (``max_tokens`` real tokens, ``gn_steps`` Gauss-Newton steps per sublayer),
+    then, with ``refit``, the output-projection refit (``projection_refit``).
     """
 
     flops_keep: float = 0.6
@@ -642,6 +648,8 @@ class PruneConfig:
     refit: bool = True
     refit_damp: float = 1e-3
     refit_max_tokens: int = 32768
+    selection: str = "obs"
+    obs_damp: float = 1e-2
 
     def __post_init__(self) -> None:
         if not 0.0 < self.flops_keep <= 1.0:
@@ -660,10 +668,28 @@ class PruneConfig:
             raise ValueError(f"refit_damp must be >= 0, got {self.refit_damp}")
         if self.refit_max_tokens < 1:
             raise ValueError(f"refit_max_tokens must be >= 1, got {self.refit_max_tokens}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if self.obs_damp < 0:
+            raise ValueError(f"obs_damp must be >= 0, got {self.obs_damp}")
 
 
 def _mean_cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return float(torch.cat([(x * y).sum(-1) for x, y in zip(a, b, strict=True)]).mean())
+
+
+def _technique(obs: dict[str, Any], refit: dict[str, Any]) -> str:
+    if "held_out_cosine" in obs and "skipped" not in obs:
+        return (
+            "structured pruning: Kwon et al. (2022) Fisher search for the per-layer counts, "
+            "structured OBS choice and compensation of the kept heads/neurons, physically "
+            "removed"
+        )
+    return (
+        "structured pruning (Kwon et al. 2022), Fisher search + rearrangement + least-squares "
+        "mask tuning, heads/neurons physically removed"
+        + (", output projections refitted" if refit.get("kept") else "")
+    )
 
 
 def structured_prune(
@@ -677,8 +703,10 @@ def structured_prune(
     """Prune ``encoder`` to ``config.flops_keep`` of its FLOPs; returns (pruned copy, report).
 
     ``stats`` reuses mask gradients from ``fisher_gradients`` (e.g. for several budgets).
-    The tuned model is kept only if its calibration cosine (on the tuning tokens, against
-    the unpruned model) is at least the untuned one's. The report has per-stage seconds.
+    With ``selection="obs"`` the OBS model is kept only if its held-out pooled cosine beats
+    the searched masks' without compensation; otherwise (or with too little data) Kwon's
+    rearrangement and tuning run, and the tuned model is kept only if its calibration
+    cosine is at least the untuned one's. The report has per-stage seconds.
     """
     if not calibration:
         raise ValueError("structured pruning needs calibration batches")
@@ -716,49 +744,66 @@ def structured_prune(
         per_neuron,
     )
     t0 = lap("search_s", t0)
-    rearr: dict[str, float] = {}
-    if config.rearrange:
-        say("mask rearrangement", 0.5)
-        masks, rearr = rearrange_masks(masks, stats)
-        t0 = lap("rearrange_s", t0)
-    errors: list[dict[str, float]] = []
-    pruned = apply_masks(encoder, masks)
-    fidelity: dict[str, Any] = {}
-    if config.tune:
-        say("mask tuning (least squares per layer)", 0.6)
-        run = run_tuning(
-            encoder, masks, calibration, config.damp, config.max_tokens, check, config.gn_steps
-        )
-        errors = run.errors
-        t0 = lap("tune_s", t0)
-        untuned = _mean_cosine(run.teacher, pooled_embeddings(pruned, run.batches))
-        fidelity["calibration_cosine_untuned"] = untuned
-        fidelity["calibration_cosine_tuned"] = _mean_cosine(run.teacher, run.student)
-        fidelity["tuning_kept"] = fidelity["calibration_cosine_tuned"] >= untuned
-        if fidelity["tuning_kept"]:
-            pruned = apply_masks(encoder, run.masks)
-    else:
-        batches = tuning_batches(calibration, config.max_tokens, spec.pad_token_id)
-        fidelity["calibration_cosine_untuned"] = _mean_cosine(
-            pooled_embeddings(encoder, batches), pooled_embeddings(pruned, batches)
-        )
-    t0 = lap("check_s", t0)
-    refit: dict[str, Any] = {}
-    if config.refit:
-        from optimizers.transformer.projection_refit import refit_projections
+    pruned: SlimEncoder | None = None
+    obs: dict[str, Any] = {}
+    if config.selection == "obs":
+        from optimizers.transformer.obs_selection import obs_prune
 
-        say("output-projection refit (least squares per sublayer)", 0.85)
-        refit = refit_projections(
-            encoder, pruned, every_batch, config.refit_damp, config.refit_max_tokens, check
+        say("structured OBS: choose and compensate the kept heads/neurons per layer", 0.5)
+        pruned, obs = obs_prune(
+            encoder,
+            [len(h) for h in masks.heads],
+            [len(n) for n in masks.neurons],
+            every_batch,
+            config.obs_damp,
+            config.refit_damp,
+            config.refit_max_tokens,
+            check,
+            baseline=apply_masks(encoder, masks),
         )
-        lap("refit_s", t0)
+        t0 = lap("obs_s", t0)
+    rearr: dict[str, float] = {}
+    errors: list[dict[str, float]] = []
+    fidelity: dict[str, Any] = {}
+    refit: dict[str, Any] = {}
+    if pruned is None:
+        if config.rearrange:
+            say("mask rearrangement", 0.5)
+            masks, rearr = rearrange_masks(masks, stats)
+            t0 = lap("rearrange_s", t0)
+        pruned = apply_masks(encoder, masks)
+        if config.tune:
+            say("mask tuning (least squares per layer)", 0.6)
+            run = run_tuning(
+                encoder, masks, calibration, config.damp, config.max_tokens, check, config.gn_steps
+            )
+            errors = run.errors
+            t0 = lap("tune_s", t0)
+            untuned = _mean_cosine(run.teacher, pooled_embeddings(pruned, run.batches))
+            fidelity["calibration_cosine_untuned"] = untuned
+            fidelity["calibration_cosine_tuned"] = _mean_cosine(run.teacher, run.student)
+            fidelity["tuning_kept"] = fidelity["calibration_cosine_tuned"] >= untuned
+            if fidelity["tuning_kept"]:
+                pruned = apply_masks(encoder, run.masks)
+        else:
+            batches = tuning_batches(calibration, config.max_tokens, spec.pad_token_id)
+            fidelity["calibration_cosine_untuned"] = _mean_cosine(
+                pooled_embeddings(encoder, batches), pooled_embeddings(pruned, batches)
+            )
+        t0 = lap("check_s", t0)
+        if config.refit:
+            from optimizers.transformer.projection_refit import refit_projections
+
+            say("output-projection refit (least squares per sublayer)", 0.85)
+            refit = refit_projections(
+                encoder, pruned, every_batch, config.refit_damp, config.refit_max_tokens, check
+            )
+            lap("refit_s", t0)
     timings["total_s"] = time.perf_counter() - start
     timings["cpu_s"] = time.process_time() - cpu_start
     say("pruned", 1.0)
     report = {
-        "technique": "structured pruning (Kwon et al. 2022), Fisher search + rearrangement "
-        "+ least-squares mask tuning, heads/neurons physically removed"
-        + (", output projections refitted" if refit.get("kept") else ""),
+        "technique": _technique(obs, refit),
         "flops_keep_target": config.flops_keep,
         "seq_len": config.seq_len,
         "flops_before": flops_before,
@@ -772,6 +817,7 @@ def structured_prune(
         **fidelity,
         "tuning_errors": errors,
         "refit": refit,
+        "obs": obs,
         **timings,
     }
     report["flops_ratio"] = report["flops_after"] / report["flops_before"]

@@ -54,8 +54,10 @@ class _TransformerPass(Pass):
 
 @register_pass
 class StructPrune(_TransformerPass):
-    """Retraining-free structured pruning of heads and FFN neurons (Kwon et al. 2022), then
-    the output projections refitted by least squares (``refit``; see ``projection_refit``)."""
+    """Retraining-free structured pruning of heads and FFN neurons: Kwon et al.'s (2022)
+    Fisher search for the per-layer counts, then ``selection="obs"`` (structured OBS choice
+    and compensation, see ``obs_selection``) or ``"fisher"`` (Kwon's rearrangement and mask
+    tuning, then the output projections refitted by least squares with ``refit``)."""
 
     name = "struct_prune"
 
@@ -66,9 +68,11 @@ class StructPrune(_TransformerPass):
         tune: bool = True
         max_batches: int = 32
         refit: bool = True
+        selection: str = "obs"
 
         def __post_init__(self) -> None:
-            PruneConfig(flops_keep=self.flops_keep)  # validates, naming the field
+            # validates, naming the field
+            PruneConfig(flops_keep=self.flops_keep, selection=self.selection)
 
     def call(self, artifact: Artifact, ctx: PassContext) -> PassResult:
         encoder = source_encoder(artifact)
@@ -79,6 +83,7 @@ class StructPrune(_TransformerPass):
             tune=self.config.tune,
             max_batches=self.config.max_batches,
             refit=self.config.refit,
+            selection=self.config.selection,
         )
         pruned, report = structured_prune(
             encoder,

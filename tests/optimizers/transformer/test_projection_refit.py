@@ -20,9 +20,8 @@ from tests.optimizers.transformer.helpers import (
 def setup():
     encoder = tiny_encoder(seed=3)
     calibration = random_batches(40, 8, 24, seed=4)
-    pruned, _ = structured_prune(
-        encoder, calibration, PruneConfig(flops_keep=0.5, seq_len=24, refit=False)
-    )
+    config = PruneConfig(flops_keep=0.5, seq_len=24, refit=False, selection="fisher")
+    pruned, _ = structured_prune(encoder, calibration, config)
     return encoder, calibration, pruned
 
 
@@ -66,7 +65,9 @@ def test_refit_skips_sublayers_with_too_few_tokens(setup):
 
 def test_structured_prune_reports_the_refit(setup):
     encoder, calibration, _ = setup
-    _, report = structured_prune(encoder, calibration, PruneConfig(flops_keep=0.5, seq_len=24))
+    _, report = structured_prune(
+        encoder, calibration, PruneConfig(flops_keep=0.5, seq_len=24, selection="fisher")
+    )
     assert report["refit"]["kept"]
     assert "output projections refitted" in report["technique"]
     assert report["refit_s"] > 0

@@ -47,7 +47,9 @@ def calibration():
 
 @pytest.fixture(scope="module")
 def pruned(encoder, calibration):
-    return structured_prune(encoder, calibration, PruneConfig(flops_keep=0.5, seq_len=24))
+    return structured_prune(
+        encoder, calibration, PruneConfig(flops_keep=0.5, seq_len=24, selection="fisher")
+    )
 
 
 def _onnx_elements(path) -> int:
