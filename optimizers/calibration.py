@@ -19,6 +19,9 @@ from optimizers.onnxutil import IOSpec
 from serving.errors import InvalidInput
 
 DEFAULT_EXAMPLES = 64
+PRUNING_EXAMPLES = 512
+"""Built-in sentences given to passes that fit weights to the data (structured pruning's
+OBS step wants a few hundred; the 64 of the calibration half are too few)."""
 DEFAULT_IMAGE_SIDE = 224
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 
@@ -51,6 +54,13 @@ def split_texts(texts: Sequence[str], n_calibration: int, n_eval: int) -> tuple[
     texts = list(texts)
     picked = texts[:: max(1, len(texts) // max(1, n_calibration + n_eval))]
     return picked[0::2][:n_calibration], picked[1::2][:n_eval]
+
+
+def pruning_texts(texts: Sequence[str], held_out: Sequence[str], n: int) -> list[str]:
+    """Up to ``n`` of ``texts`` spread over the list, none of them in ``held_out``."""
+    excluded = set(held_out)
+    pool = [t for t in texts if t not in excluded]
+    return pool[:: max(1, len(pool) // max(1, n))][:n]
 
 
 def tokenize(
@@ -167,10 +177,16 @@ def load_calibration(
             calib = tokenize(tokenizer_dir, calib_texts, seq_len, input_names)
             held = tokenize(tokenizer_dir, eval_texts, seq_len, input_names)
             source = "pydoc_data.topics sentences (built-in English text, not user data)"
-        else:
-            calib = synthetic_feeds(specs, examples, seq_len, family, meta, seed=1)
-            held = synthetic_feeds(specs, examples, seq_len, family, meta, seed=2)
-            source = "synthetic random inputs (no calibration data given)"
+            prune_texts = pruning_texts(pydoc_sentences(), eval_texts, PRUNING_EXAMPLES)
+            data = _assemble(
+                calib, held, None, eval_batch, synthetic=True, source=source, texts=texts
+            )
+            prune = tokenize(tokenizer_dir, prune_texts, seq_len, input_names)
+            data["pruning_inputs"], _ = batches(prune, eval_batch)
+            return data
+        calib = synthetic_feeds(specs, examples, seq_len, family, meta, seed=1)
+        held = synthetic_feeds(specs, examples, seq_len, family, meta, seed=2)
+        source = "synthetic random inputs (no calibration data given)"
         return _assemble(calib, held, None, eval_batch, synthetic=True, source=source, texts=texts)
     if not path.is_file():
         raise InvalidInput(f"calibration file {path.name!r} does not exist")

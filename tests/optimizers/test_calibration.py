@@ -7,7 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from optimizers.calibration import load_calibration, pydoc_sentences, synthetic_feeds
+from optimizers.calibration import (
+    PRUNING_EXAMPLES,
+    load_calibration,
+    pruning_texts,
+    pydoc_sentences,
+    synthetic_feeds,
+)
 from optimizers.fidelity import within_bound
 from optimizers.onnxutil import IOSpec
 from serving.errors import InvalidInput
@@ -50,6 +56,15 @@ def test_builtin_text_for_tokenizer_models(tiny_bert_dir: Path) -> None:
     assert set(batch) == {"input_ids", "attention_mask", "token_type_ids"}
     assert batch["input_ids"].shape[0] == 8
     assert batch["input_ids"].shape[1] <= 32
+    # more built-in text for weight-fitting passes, none of it from the held-out half
+    pruning = data["pruning_inputs"]
+    assert sum(len(b["input_ids"]) for b in pruning) == PRUNING_EXAMPLES
+    assert set(pruning[0]) == set(batch)
+    # the tiny tokenizer maps most words to [UNK], so the texts are checked, not the ids
+    chosen = pruning_texts(pydoc_sentences(), eval_texts, PRUNING_EXAMPLES)
+    assert len(set(chosen)) == PRUNING_EXAMPLES
+    assert not set(chosen) & set(eval_texts)
+    assert set(chosen) & set(calib_texts)
 
 
 def test_npz_with_labels_split_in_halves(tmp_path: Path) -> None:

@@ -85,9 +85,12 @@ class StructPrune(_TransformerPass):
             refit=self.config.refit,
             selection=self.config.selection,
         )
+        # built-in text comes with more sentences for weight fitting (``pruning_inputs``);
+        # a user's calibration file is used as given
+        batches = ctx.calibration.get("pruning_inputs") or calibration_batches(ctx, self.name)
         pruned, report = structured_prune(
             encoder,
-            calibration_batches(ctx, self.name),
+            batches,
             cfg,
             # messages only: the search owns the job's overall fraction
             progress=lambda message, _fraction: ctx.report_progress(message, None),
