@@ -19,6 +19,12 @@
 5. Beyond the paper, **output-projection refit** (``projection_refit``): the attention and
    FFN output matrices are refitted in closed form to the unpruned layer's output, checked
    on held-out calibration tokens.
+
+The default (``PruneConfig.selection="obs"``) keeps step 1's per-layer counts and replaces
+steps 2, 3 and 5 by **structured OBS** (``obs_selection``): per layer, the kept heads and
+neurons are chosen by what the layer can still reconstruct without the others, and the
+output projections compensated in the same closed form. It needs a few hundred calibration
+sentences and falls back to steps 2-5 with less.
 """
 
 from __future__ import annotations
