@@ -145,3 +145,15 @@ def test_structured_prune_uses_obs_and_falls_back_to_kwon(setup):
     with pytest.raises(ValueError, match="selection"):
         PruneConfig(selection="magnitude")
     assert np.isfinite(report["obs"]["held_out_cosine"])
+
+
+def test_obs_prune_can_empty_a_sublayer(setup):
+    encoder, calibration, _ = setup
+    model, report = obs_prune(encoder, [0, 2], [64, 0], calibration)
+    assert model is not None, report
+    assert model.heads_per_layer == [0, 2]
+    assert model.ffn_per_layer == [64, 0]
+    batch = random_batches(1, 4, 24, seed=98)[0]
+    with torch.no_grad():
+        out = model(torch.as_tensor(batch["input_ids"]), torch.as_tensor(batch["attention_mask"]))
+    assert bool(torch.isfinite(out).all())
