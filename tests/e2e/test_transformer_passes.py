@@ -3,9 +3,9 @@
 A tiny random-init BERT (Hugging Face folder: config.json, model.safetensors, tokenizer) is
 uploaded with ``allow``/``require: [pass]`` for ``struct_prune``, ``token_prune`` and
 ``pack_padding`` (with calibration text, except structured pruning: it runs on the built-in
-text, which brings enough sentences for structured OBS). The job must run the pass and serve its result; the
-newly served version must answer exactly as its published ONNX file run directly, with the
-fidelity to the original that the report recorded.
+text, which brings enough sentences for structured OBS). The job must run the pass and serve
+its result; the newly served version must answer exactly as its published ONNX file run
+directly, with the fidelity to the original that the report recorded.
 """
 
 from __future__ import annotations
