@@ -172,12 +172,13 @@ def load_calibration(
     labels: np.ndarray | None = None
     if path is None:
         if tokenizer_dir is not None and family == "transformer":
-            calib_texts, eval_texts = split_texts(pydoc_sentences(), examples, examples)
+            sentences = pydoc_sentences()
+            calib_texts, eval_texts = split_texts(sentences, examples, examples)
             texts = calib_texts + eval_texts
             calib = tokenize(tokenizer_dir, calib_texts, seq_len, input_names)
             held = tokenize(tokenizer_dir, eval_texts, seq_len, input_names)
             source = "pydoc_data.topics sentences (built-in English text, not user data)"
-            prune_texts = pruning_texts(pydoc_sentences(), eval_texts, PRUNING_EXAMPLES)
+            prune_texts = pruning_texts(sentences, eval_texts, PRUNING_EXAMPLES)
             data = _assemble(
                 calib, held, None, eval_batch, synthetic=True, source=source, texts=texts
             )
