@@ -31,6 +31,7 @@ from optimizers.transformer.projection_refit import (
     MIN_TOKENS_PER_PARAMETER,
     held_out_split,
     pooled,
+    with_ridge,
 )
 from optimizers.transformer.structured_prune import (
     Batch,
@@ -53,14 +54,6 @@ def _normal_equations(
     return (a1.T @ aw).double(), (aw.T @ r).double()
 
 
-def _damped(gram: torch.Tensor, damp: float) -> torch.Tensor:
-    """``gram`` plus a ridge of ``damp`` times its mean diagonal on every row but the last
-    (the bias, which is not shrunk)."""
-    k = gram.shape[0] - 1
-    ridge = damp * float(gram.diagonal()[:-1].mean()) + 1e-12 if k else 0.0
-    return gram + torch.diag(torch.cat([gram.new_full((k,), ridge), gram.new_zeros(1)]))
-
-
 def obs_remove(
     gram: torch.Tensor, rhs: torch.Tensor, groups: list[list[int]], n_remove: int, damp: float
 ) -> tuple[list[int], torch.Tensor]:
@@ -70,7 +63,7 @@ def obs_remove(
     Returns (indices of the kept groups, compensated ``W [k+1, d]``: removed rows zero).
     ``damp`` sets the ridge as a fraction of the mean diagonal; the bias is not shrunk.
     """
-    hinv = torch.linalg.inv(_damped(gram, damp))
+    hinv = torch.linalg.inv(with_ridge(gram, damp))
     w = hinv @ rhs
     alive = torch.ones(len(groups), dtype=torch.bool)
     if all(len(g) == 1 for g in groups):
@@ -111,8 +104,8 @@ def _remove_rows(
 
 
 def _ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, damp: float) -> torch.Tensor:
-    """``(gram + ridge) W = rhs`` (see ``_damped``)."""
-    return torch.linalg.solve(_damped(gram, damp), rhs)
+    """``(gram + ridge) W = rhs`` (see ``with_ridge``)."""
+    return torch.linalg.solve(with_ridge(gram, damp), rhs)
 
 
 def _select_sublayer(

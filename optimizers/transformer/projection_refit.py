@@ -40,6 +40,14 @@ MIN_TOKENS_PER_PARAMETER = 4
 (``kept units + 1``); below that the least-squares fit would memorise the calibration text."""
 
 
+def with_ridge(gram: torch.Tensor, damp: float) -> torch.Tensor:
+    """``gram`` (bias row/column last) plus a ridge of ``damp`` times its mean diagonal on
+    every row but the bias, which is not shrunk."""
+    k = gram.shape[0] - 1
+    ridge = damp * float(gram.diagonal()[:-1].mean()) + 1e-12 if k else 0.0
+    return gram + torch.diag(torch.cat([gram.new_full((k,), ridge), gram.new_zeros(1)]))
+
+
 def _weighted_lstsq(
     a: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, damp: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,11 +56,7 @@ def _weighted_lstsq(
     a1 = torch.cat([a, a.new_ones(a.shape[0], 1)], 1).double()
     aw = a1 * weight[:, None].double()
     gram = a1.T @ aw
-    k = gram.shape[0]
-    ridge = damp * float(gram.diagonal()[:-1].mean()) if k > 1 else 0.0
-    gram = gram + ridge * torch.eye(k, dtype=gram.dtype)
-    gram[-1, -1] -= ridge  # the bias is not shrunk
-    solution = torch.linalg.solve(gram, aw.T @ r.double())
+    solution = torch.linalg.solve(with_ridge(gram, damp), aw.T @ r.double())
     return solution[:-1].float(), solution[-1].float()
 
 
