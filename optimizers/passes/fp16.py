@@ -11,6 +11,24 @@ from optimizers.passes.base import Artifact, Pass, PassContext, PassNotApplicabl
 from optimizers.registry import register_pass
 
 
+def with_value_types(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with the element type of every intermediate tensor recorded (value_info).
+
+    The FP16 converter inserts the casts around the ops it keeps in FP32 (e.g. ``Max`` in a
+    sentence-transformers pooling head) only where it knows a tensor's type; after ORT's
+    fused contrib ops (``Attention``, ``SkipLayerNormalization``) plain ONNX shape inference
+    knows none, and the converted graph would not load. ORT's symbolic shape inference knows
+    the contrib ops; where it fails, ONNX's own inference is the fallback.
+    """
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    try:
+        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception:  # an op it has no rule for: ONNX's inference still covers standard ops
+        inferred = None
+    return inferred if inferred is not None else onnx.shape_inference.infer_shapes(model)
+
+
 @register_pass
 class Float16(Pass):
     """Weights and compute in FP16 for GPU targets; callers still send and get FP32.
@@ -33,7 +51,7 @@ class Float16(Pass):
     def call(self, artifact: Artifact, ctx: PassContext) -> PassResult:
         from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-        model = load_model(artifact.onnx_path)
+        model = with_value_types(load_model(artifact.onnx_path))
         converted = convert_float_to_float16(
             model,
             keep_io_types=self.config.keep_io_types,

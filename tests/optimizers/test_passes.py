@@ -6,7 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from optimizers.fidelity import compare, run_batches
 from optimizers.loaders import load_hf_checkpoint, load_onnx
@@ -119,6 +121,39 @@ def test_fp16_keeps_fp32_io(tiny_mlp_onnx: Path, tmp_path: Path) -> None:
     out = _outputs(result.artifact.onnx_path, batches)[0][0]
     assert out.dtype == np.float32
     np.testing.assert_allclose(out, _outputs(tiny_mlp_onnx, batches)[0][0], rtol=0.05, atol=0.05)
+
+
+def test_fp16_casts_around_fp32_ops_after_contrib_ops(tmp_path: Path) -> None:
+    """A contrib op (BiasGelu, as ORT's fusion leaves) feeding an op the converter keeps in
+    FP32 (Max, as in a sentence-transformers pooling head): without the tensor types from
+    ORT's symbolic shape inference the converted graph mixes FP16 and FP32 and won't load."""
+    rng = np.random.default_rng(0)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16])
+    weights = [
+        numpy_helper.from_array((rng.standard_normal((16, 16)) / 4).astype(np.float32), "w"),
+        numpy_helper.from_array((rng.standard_normal(16) / 4).astype(np.float32), "b"),
+        numpy_helper.from_array(np.array(0.05, np.float32), "eps"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"]),
+        helper.make_node("BiasGelu", ["h", "b"], ["g"], domain="com.microsoft"),
+        helper.make_node("Max", ["g", "eps"], ["y"]),
+    ]
+    model = helper.make_model(
+        helper.make_graph(nodes, "gelu_max", [x], [y], weights),
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+        ir_version=9,
+    )
+    source = tmp_path / "gelu_max.onnx"
+    onnx.save(model, str(source))
+    result = get_pass("fp16").run(Artifact("onnx", "generic", onnx_path=source), _ctx(tmp_path))
+    converted = onnx.load(str(result.artifact.onnx_path))
+    assert any(i.data_type == TensorProto.FLOAT16 for i in converted.graph.initializer)
+    batch = {"x": rng.standard_normal((4, 16)).astype(np.float32)}
+    got = ort.InferenceSession(str(result.artifact.onnx_path)).run(None, batch)[0]
+    want = ort.InferenceSession(str(source)).run(None, batch)[0]
+    np.testing.assert_allclose(got, want, rtol=0.02, atol=0.02)
 
 
 def test_choose_rank_energy_and_error() -> None:
