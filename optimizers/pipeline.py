@@ -170,6 +170,9 @@ def optimize(
         time.monotonic() - started,
     )
     report["engine"] = {"platform": platform, "file": engine.name}
+    measured_on = (winner.latency or {}).get("providers") or []
+    if platform == PLATFORM and measured_on[:1] == ["CUDAExecutionProvider"]:
+        report["engine"]["device"] = "gpu"  # timed on CUDA: served on a GPU instance group
     accelerator = winner.artifact.meta.get("cpu_accelerator")
     if accelerator and platform == PLATFORM:  # measured on it: serve on it (config.pbtxt)
         report["engine"]["cpu_execution_accelerator"] = accelerator

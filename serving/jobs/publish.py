@@ -10,6 +10,9 @@ compiled for (``report.engine.static_shapes``, a job's ``static_shape``). A non-
 (``tensorrt_plan``: ``model.plan`` + ``model.plan.json``) is published the same way; its
 model's config selects only the latest version, since the original version folder holds
 ``model.onnx``, not the platform's file (one platform per model, as in Triton).
+An ONNX winner timed on CUDA (``report.engine.device == "gpu"``, a ``cuda`` target job on a
+host with ``onnxruntime-gpu``) is served on a GPU: the config gets a ``KIND_GPU`` instance
+group. Timed on the CPU (no CUDA provider here), the config is left on the CPU.
 """
 
 from __future__ import annotations
@@ -89,6 +92,18 @@ def with_cpu_accelerator(
     return updated
 
 
+def with_gpu_instances(config: mc.ModelConfig) -> mc.ModelConfig | None:
+    """A copy of ``config`` whose instances run on a GPU (``instance_group [{kind: KIND_GPU,
+    count: 1}]``), or None when it already has a KIND_GPU group (left as it is)."""
+    if any(group.kind == mc.ModelInstanceGroup.KIND_GPU for group in config.instance_group):
+        return None
+    updated = mc.ModelConfig()
+    updated.CopyFrom(config)
+    del updated.instance_group[:]
+    updated.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=1)
+    return updated
+
+
 def _matching_version(repository: ModelRepository, name: str, original: Path) -> int | None:
     """An existing version whose model.onnx has the same bytes as ``original``."""
     digest = None
@@ -145,6 +160,8 @@ def publish_result(
         if engine_report.get("static_shapes"):  # timed compiled for that shape: so served
             parameters["static_shapes"] = str(engine_report["static_shapes"])
         config = with_cpu_accelerator(base, accelerator, parameters) or config
+    if engine_report.get("device") == "gpu":  # measured on CUDA (a ``cuda`` target job)
+        config = with_gpu_instances(config or repository.entry(name).config) or config
     config_path = model_dir / "config.pbtxt"
     published = Published(
         name=name,

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from tritonclient.grpc import model_config_pb2 as mc
 
 from serving.errors import Conflict, InvalidInput
 from serving.jobs.publish import publish_result, rollback
@@ -63,6 +64,39 @@ def test_new_version_of_an_existing_model_keeps_its_config(tmp_path: Path, repos
     rollback(repository, published)
     assert repository.version_numbers("m") == [1]
     assert (repository.root / "m" / "config.pbtxt").read_bytes() == before
+
+
+def test_winner_timed_on_cuda_is_served_on_a_gpu_instance_group(tmp_path: Path, repository) -> None:
+    result = result_files(
+        tmp_path, add_sub_model(), add_sub_model(), report={"engine": {"device": "gpu"}}
+    )
+    published = publish_result(repository, "on_gpu", result, job_id="j3")
+    config = read_config(repository.root / "on_gpu")
+    assert [(g.kind, g.count) for g in config.instance_group] == [
+        (mc.ModelInstanceGroup.KIND_GPU, 1)
+    ]
+    assert config.HasField("dynamic_batching")
+    rollback(repository, published)
+
+    write_model(repository.root, "m", scaled_model(1.0), model_config={"max_batch_size": 2})
+    before = (repository.root / "m" / "config.pbtxt").read_bytes()
+    result = result_files(
+        tmp_path, scaled_model(2.0), scaled_model(2.0), report={"engine": {"device": "gpu"}}
+    )
+    published = publish_result(repository, "m", result, job_id="j4")
+    config = read_config(repository.root / "m")
+    assert config.max_batch_size == 2, "the rest of an existing config is kept"
+    assert [g.kind for g in config.instance_group] == [mc.ModelInstanceGroup.KIND_GPU]
+    rollback(repository, published)
+    assert (repository.root / "m" / "config.pbtxt").read_bytes() == before
+
+
+def test_winner_timed_on_cpu_keeps_the_cpu_config(tmp_path: Path, repository) -> None:
+    """A ``cuda`` job on a host without CUDA times on the CPU: nothing asks for a GPU."""
+    result = result_files(tmp_path, add_sub_model(), add_sub_model(), report={"engine": {}})
+    publish_result(repository, "on_cpu", result, job_id="j5")
+    config = read_config(repository.root / "on_cpu")
+    assert not any(g.kind == mc.ModelInstanceGroup.KIND_GPU for g in config.instance_group)
 
 
 def test_platform_change_is_a_conflict(tmp_path: Path, repository) -> None:
