@@ -25,8 +25,13 @@ def fused_statistics(optimizer_model: Any) -> dict[str, int]:
     return {name: int(count) for name, count in stats.items() if count}
 
 
-def bert_fusion(path: Any, meta: dict[str, Any], opt_level: int = 1) -> Any:
-    """Run ORT's transformer optimizer on ``path``; returns the optimized ``OnnxModel``."""
+def bert_fusion(
+    path: Any, meta: dict[str, Any], opt_level: int = 1, *, use_gpu: bool = False
+) -> Any:
+    """Run ORT's transformer optimizer on ``path``; returns the optimized ``OnnxModel``.
+
+    ``use_gpu``: ORT's basic graph optimizations run on the CUDA provider (what a ``cuda``
+    target serves on; without one installed ORT skips them and the fusions still run)."""
     import logging
 
     from onnxruntime.transformers.fusion_options import FusionOptions
@@ -42,7 +47,7 @@ def bert_fusion(path: Any, meta: dict[str, Any], opt_level: int = 1) -> Any:
         hidden_size=int(meta.get("hidden_size") or 0),
         optimization_options=options,
         opt_level=opt_level,
-        use_gpu=False,
+        use_gpu=use_gpu,
     )
 
 
@@ -62,7 +67,9 @@ class TransformerOptimize(Pass):
         """Fail when no Attention node was fused (a hint the export defeated the fusion)."""
 
     def call(self, artifact: Artifact, ctx: PassContext) -> PassResult:
-        model = bert_fusion(artifact.onnx_path, artifact.meta, self.config.opt_level)
+        model = bert_fusion(
+            artifact.onnx_path, artifact.meta, self.config.opt_level, use_gpu=ctx.target == "cuda"
+        )
         stats = fused_statistics(model)
         if self.config.require_attention and not any(
             stats.get(op) for op in ("Attention", "MultiHeadAttention")
