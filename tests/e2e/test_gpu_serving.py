@@ -1,0 +1,133 @@
+"""On a CUDA host: the server runs models on the GPU, and a ``cuda`` job publishes a GPU version.
+
+Both tests need ``onnxruntime-gpu`` (the ``gpu`` extra) and an NVIDIA GPU; elsewhere they skip
+with the reason. A model whose config asks for ``KIND_GPU`` only becomes ready when its session
+really runs on ``CUDAExecutionProvider`` (``serving.backends.onnxruntime``), so readiness below
+is the proof that the answers came from the GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+from tritonclient.grpc import model_config_pb2 as mc
+
+from serving.model_config import read_config, write_config
+from tests.e2e.helpers import infer_input, run_direct
+from tests.e2e.server import RemoteServer
+from tests.e2e.test_upload_pipeline import cosine, upload, wait_job
+from tests.models import basic_repository, mlp_model
+
+PROJECT = Path(__file__).resolve().parents[2]
+NO_CUDA = (
+    None
+    if "CUDAExecutionProvider" in ort.get_available_providers()
+    else "onnxruntime has no CUDAExecutionProvider here "
+    f"(providers: {ort.get_available_providers()}); install the 'gpu' extra on a CUDA host"
+)
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(NO_CUDA is not None, reason=NO_CUDA or "")]
+
+
+def metric_samples(text: str, name: str) -> list[tuple[str, float]]:
+    """``(labels, value)`` of every sample of ``name`` in a Prometheus text page."""
+    samples = []
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            labels, _, value = line.rpartition(" ")
+            samples.append((labels[len(name) :], float(value)))
+    return samples
+
+
+def test_gpu_instance_group_serves_on_cuda(
+    tmp_path: Path, start_server: Callable[..., RemoteServer]
+) -> None:
+    repo = tmp_path / "repository"
+    shutil.copytree(PROJECT / "model_repository" / "digits_cnn", repo / "digits_cnn")
+    config = read_config(repo / "digits_cnn")
+    del config.instance_group[:]
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=1)
+    write_config(repo / "digits_cnn", config)
+    server = start_server(repo)
+
+    client = server.client(concurrency=8)
+    assert client.is_model_ready("digits_cnn"), "a KIND_GPU model is ready only on CUDA"
+    served_config = client.get_model_config("digits_cnn")
+    assert served_config["instance_group"][0]["kind"] == "KIND_GPU"
+    data = np.load(PROJECT / "bench" / "data" / "digits_test.npz")
+    model_file = next((repo / "digits_cnn").glob("*/model.onnx"))
+    for rows in (1, 7, 64):
+        x = data["x"][:rows]
+        got = client.infer("digits_cnn", [infer_input("input", x)]).as_numpy("logits")
+        expected = run_direct(model_file, {"input": x})["logits"]
+        np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3)
+        assert (got.argmax(1) == expected.argmax(1)).all()
+
+    # concurrent callers are batched onto the GPU instance and each gets its own rows back
+    x = data["x"][:48]
+    pending = [
+        client.async_infer("digits_cnn", [infer_input("input", x[i : i + 1])]) for i in range(48)
+    ]
+    got = np.concatenate([p.get_result().as_numpy("logits") for p in pending])
+    np.testing.assert_allclose(got, run_direct(model_file, {"input": x})["logits"], atol=1e-3)
+
+    page = httpx.get(f"{server.url}/metrics").text
+    used = metric_samples(page, "nv_gpu_memory_used_bytes")
+    assert used, "NVML metrics of the real GPU"
+    assert all(value > 0 for _, value in used)
+    counts = metric_samples(page, "nv_inference_count")
+    served = sum(value for labels, value in counts if 'model="digits_cnn"' in labels)
+    assert served == 1 + 7 + 64 + 48
+
+
+def test_cuda_job_publishes_a_version_served_on_the_gpu(
+    tmp_path: Path, start_server: Callable[..., RemoteServer]
+) -> None:
+    repo = basic_repository(tmp_path / "repository")
+    source = tmp_path / "mlp.onnx"
+    source.write_bytes(mlp_model(width=512, depth=4, features=64))
+    server = start_server(repo, env={"SLIMSERVE_JOBS_DIR": str(tmp_path / "jobs")})
+    rng = np.random.default_rng(3)
+    calibration = tmp_path / "calib.npz"
+    np.savez(calibration, x=rng.standard_normal((64, 64)).astype(np.float32))
+
+    response = upload(
+        server,
+        ("mlp.onnx", source.read_bytes()),
+        {"name": "mlp", "target": "cuda", "min_cosine": 0.99, "batch_size": 32},
+        calibration=("calib.npz", calibration.read_bytes()),
+    )
+    assert response.status_code == 202, response.text
+    job = wait_job(server, response.json()["url"])
+    assert job["state"] == "succeeded", job["error"]
+
+    report = json.loads((repo / "mlp" / "2" / "report.json").read_text())
+    assert report["target"] == "cuda"
+    assert report["providers"][0] == "CUDAExecutionProvider", "the baseline was timed on CUDA"
+    assert report["engine"]["device"] == "gpu"
+    measured = [c for c in report["candidates"] if c.get("latency")]
+    assert measured
+    assert all(c["latency"]["providers"][0] == "CUDAExecutionProvider" for c in measured)
+    assert any("fp16" in c["id"] for c in report["candidates"]), "FP16 was a candidate for CUDA"
+    config = read_config(repo / "mlp")
+    assert [g.kind for g in config.instance_group] == [mc.ModelInstanceGroup.KIND_GPU]
+
+    client = server.client()
+    assert client.is_model_ready("mlp"), "the published version loads on the GPU"
+    x = rng.standard_normal((32, 64)).astype(np.float32)
+    served = client.infer("mlp", [infer_input("x", x)])
+    assert served.get_response()["model_version"] == "2"
+    expected = run_direct(source, {"x": x})["y"]
+    got = served.as_numpy("y")
+    assert got.dtype == np.float32, "callers still send and get FP32"
+    assert cosine(got, expected).mean() >= 0.99
+    # the CPU model served beside it is untouched
+    a = np.ones((1, 16), np.float32)
+    result = client.infer("add_sub", [infer_input("INPUT0", a), infer_input("INPUT1", a)])
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), 2 * a)
