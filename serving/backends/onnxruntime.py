@@ -74,6 +74,9 @@ def provider_chain(
     algo = _parameter(config, "cudnn_conv_algo_search")
     if algo:
         cuda["cudnn_conv_algo_search"] = algo
+    tf32 = _parameter(config, "use_tf32")  # "0": exact FP32 math (TF32 is on by default)
+    if tf32:
+        cuda["use_tf32"] = tf32
     chain.append(("CUDAExecutionProvider", cuda))
     chain.append(("CPUExecutionProvider", {}))
     return chain

@@ -66,7 +66,8 @@ def test_gpu_instance_group_serves_on_cuda(
         x = data["x"][:rows]
         got = client.infer("digits_cnn", [infer_input("input", x)]).as_numpy("logits")
         expected = run_direct(model_file, {"input": x})["logits"]
-        np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3)
+        # cuDNN may use TF32 on Ampere and newer: ~1e-3 of the logits' scale, same classes
+        assert np.abs(got - expected).max() <= 2e-3 * np.abs(expected).max()
         assert (got.argmax(1) == expected.argmax(1)).all()
 
     # concurrent callers are batched onto the GPU instance and each gets its own rows back
@@ -75,7 +76,8 @@ def test_gpu_instance_group_serves_on_cuda(
         client.async_infer("digits_cnn", [infer_input("input", x[i : i + 1])]) for i in range(48)
     ]
     got = np.concatenate([p.get_result().as_numpy("logits") for p in pending])
-    np.testing.assert_allclose(got, run_direct(model_file, {"input": x})["logits"], atol=1e-3)
+    expected = run_direct(model_file, {"input": x})["logits"]
+    assert np.abs(got - expected).max() <= 2e-3 * np.abs(expected).max()
 
     page = httpx.get(f"{server.url}/metrics").text
     used = metric_samples(page, "nv_gpu_memory_used_bytes")
@@ -114,13 +116,13 @@ def test_cuda_job_publishes_a_version_served_on_the_gpu(
     measured = [c for c in report["candidates"] if c.get("latency")]
     assert measured
     assert all(c["latency"]["providers"][0] == "CUDAExecutionProvider" for c in measured)
-    assert any("fp16" in c["id"] for c in report["candidates"]), "FP16 was a candidate for CUDA"
+    assert any("fp16" in c["passes"] for c in measured), "FP16 was timed for CUDA"
     config = read_config(repo / "mlp")
     assert [g.kind for g in config.instance_group] == [mc.ModelInstanceGroup.KIND_GPU]
 
     client = server.client()
     assert client.is_model_ready("mlp"), "the published version loads on the GPU"
-    x = rng.standard_normal((32, 64)).astype(np.float32)
+    x = rng.standard_normal((8, 64)).astype(np.float32)  # the published max_batch_size
     served = client.infer("mlp", [infer_input("x", x)])
     assert served.get_response()["model_version"] == "2"
     expected = run_direct(source, {"x": x})["y"]

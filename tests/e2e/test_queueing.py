@@ -12,13 +12,18 @@ import pytest
 from tests.e2e.server import RemoteServer
 from tests.models import slow_model, write_model
 
-SLOW = slow_model(size=1024, repeats=2)  # ~40 ms a batch on 2 cores, whatever its size
+SLOW = slow_model(size=1024, repeats=2)  # ~40-80 ms a batch on one thread, any batch size
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RemoteServer]:
     repo = tmp_path_factory.mktemp("queueing") / "repo"
-    one_at_a_time = {"platform": "onnxruntime_onnx", "max_batch_size": 1}
+    one_at_a_time = {
+        "platform": "onnxruntime_onnx",
+        "max_batch_size": 1,
+        # one intra-op thread: a batch costs about as long on a 16-core host as on 2 cores
+        "parameters": {"intra_op_thread_count": {"string_value": "1"}},
+    }
     write_model(
         repo,
         "slow_full",
@@ -86,7 +91,7 @@ def test_disconnected_client_is_not_computed(server: RemoteServer) -> None:
     url = f"{server.url}/v2/models/slow_cancel/infer"
     before = _stats(server, "slow_cancel")["execution_count"]
     with ThreadPoolExecutor(2) as pool:
-        # five ~40 ms batches keep the only instance busy (~200 ms) for well over the time the
+        # five 40-80 ms batches keep the only instance busy (200-400 ms) for well over the time the
         # four impatient clients (20 ms each) take to queue up behind it and leave, so none of
         # them should reach the engine; one is tolerated for scheduling jitter on a loaded
         # machine (three busy batches, ~120 ms, let 2 through once at load ~3)
