@@ -1,9 +1,10 @@
 """Publish a finished job's result into the model repository, or take it back.
 
 A new model gets the original (as ONNX) as one version and the winning engine as the next,
-with ``config.pbtxt`` (platform from the result, ``dynamic_batching`` on, inputs and outputs
-left to auto-complete for ONNX). An existing model gets the winner, plus the original when
-no existing version holds the same bytes. ``report.json`` names ``source_version``.
+with ``config.pbtxt`` (platform from the result, ``dynamic_batching`` on, ``max_batch_size``
+at least the job's ``batch_size``, inputs and outputs left to auto-complete for ONNX). An
+existing model gets the winner, plus the original when no existing version holds the same
+bytes. ``report.json`` names ``source_version``.
 A winner measured on a CPU accelerator (``report.engine.cpu_execution_accelerator``, e.g.
 ``openvino``) adds it to the model's config, with the ``static_shapes`` it was timed
 compiled for (``report.engine.static_shapes``, a job's ``static_shape``). A non-ONNX engine
@@ -152,6 +153,9 @@ def publish_result(
             )
     else:
         config = new_model_config(platform, original, name)
+        batch = int((_report(result).get("request") or {}).get("batch_size") or 0)
+        if 0 < config.max_batch_size < batch:  # the batch the job optimized and timed for
+            config.max_batch_size = batch
     engine_report = _report(result).get("engine") or {}
     accelerator = engine_report.get("cpu_execution_accelerator")
     if accelerator:  # the engine was measured on it (e.g. openvino_int8): serve it there too

@@ -119,10 +119,11 @@ def test_cuda_job_publishes_a_version_served_on_the_gpu(
     assert any("fp16" in c["passes"] for c in measured), "FP16 was timed for CUDA"
     config = read_config(repo / "mlp")
     assert [g.kind for g in config.instance_group] == [mc.ModelInstanceGroup.KIND_GPU]
+    assert config.max_batch_size == 32
 
     client = server.client()
     assert client.is_model_ready("mlp"), "the published version loads on the GPU"
-    x = rng.standard_normal((8, 64)).astype(np.float32)  # the published max_batch_size
+    x = rng.standard_normal((32, 64)).astype(np.float32)  # the job's batch_size is servable
     served = client.infer("mlp", [infer_input("x", x)])
     assert served.get_response()["model_version"] == "2"
     expected = run_direct(source, {"x": x})["y"]

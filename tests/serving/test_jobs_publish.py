@@ -91,6 +91,18 @@ def test_winner_timed_on_cuda_is_served_on_a_gpu_instance_group(tmp_path: Path, 
     assert (repository.root / "m" / "config.pbtxt").read_bytes() == before
 
 
+def test_new_model_batches_up_to_the_jobs_batch_size(tmp_path: Path, repository) -> None:
+    for name, batch, expected in (("big", 32, 32), ("small", 4, 8)):
+        report = {"request": {"batch_size": batch}}
+        publish_result(
+            repository,
+            name,
+            result_files(tmp_path, add_sub_model(), add_sub_model(), report=report),
+            job_id=name,
+        )
+        assert read_config(repository.root / name).max_batch_size == expected
+
+
 def test_winner_timed_on_cpu_keeps_the_cpu_config(tmp_path: Path, repository) -> None:
     """A ``cuda`` job on a host without CUDA times on the CPU: nothing asks for a GPU."""
     result = result_files(tmp_path, add_sub_model(), add_sub_model(), report={"engine": {}})
