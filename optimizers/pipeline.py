@@ -131,7 +131,7 @@ def optimize(
     timing = timing_feeds(artifact, specs, request)
     if torch_model is not None:
         events.emit("baseline", "measuring PyTorch eager")
-        eager = _eager_latency(torch_model, artifact, timing, measure)
+        eager = _eager_latency(torch_model, artifact, timing, measure, request.target)
 
     events.emit("baseline", "measuring the original in ONNX Runtime")
     settings = SearchSettings(
@@ -314,10 +314,26 @@ def timing_feeds(
 
 
 def _eager_latency(
-    model: Any, artifact: Artifact, feeds: dict[str, np.ndarray], measure: MeasureSettings
+    model: Any,
+    artifact: Artifact,
+    feeds: dict[str, np.ndarray],
+    measure: MeasureSettings,
+    target: str = "cpu",
 ) -> dict[str, Any] | None:
+    """PyTorch eager FP32 latency: on the GPU for GPU targets when torch sees one (so
+    ``speedup_vs_eager`` compares like with like), else on the CPU."""
     import torch
 
+    on_gpu = target in ("cuda", "tensorrt") and torch.cuda.is_available()
+    if on_gpu and isinstance(model, torch.nn.Module):
+        model.to("cuda")
+        try:
+            result = torch_latency(model, feeds, measure, device="cuda")
+        finally:
+            model.to("cpu")  # later passes (pruning, distillation) work on the CPU copy
+            torch.cuda.empty_cache()
+        result["latency_ms"] = result["median_ms"]
+        return result
     if isinstance(model, torch.export.ExportedProgram):
         module = model.module()
         names = list(artifact.meta["input_names"])

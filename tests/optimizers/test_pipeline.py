@@ -283,3 +283,39 @@ def test_compare_matches_direct_computation() -> None:
     assert metrics["cosine"] == pytest.approx(np.mean(direct), abs=1e-6)
     assert metrics["cosine_min"] == pytest.approx(min(direct), abs=1e-6)
     assert metrics["max_abs_error"] == pytest.approx(float(np.abs(ref - cand).max()), rel=1e-6)
+
+
+def _eager_on(target: str) -> tuple[dict, str]:
+    import torch
+
+    from optimizers.measure import MeasureSettings
+    from optimizers.pipeline import _eager_latency
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU())
+    feeds = {"input": np.ones((4, 16), np.float32)}
+    settings = MeasureSettings(warmup=1, min_repeats=2, max_repeats=3)
+    result = _eager_latency(model, Artifact("torch", "generic"), feeds, settings, target)
+    return result, next(model.parameters()).device.type
+
+
+def test_eager_baseline_on_the_cpu_without_a_gpu() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("PyTorch sees a CUDA GPU here")
+    result, device = _eager_on("cuda")
+    assert result["providers"] == ["pytorch-eager"]
+    assert device == "cpu"
+
+
+@pytest.mark.gpu
+def test_eager_baseline_runs_on_the_gpu_for_gpu_targets() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("PyTorch sees no CUDA GPU")
+    result, device = _eager_on("cuda")
+    assert result["providers"] == ["pytorch-eager-cuda"]
+    assert result["latency_ms"] > 0
+    assert device == "cpu", "the module is back on the CPU for the passes after it"
+    assert _eager_on("cpu")[0]["providers"] == ["pytorch-eager"]
