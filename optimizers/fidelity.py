@@ -39,6 +39,15 @@ def _rows(output: np.ndarray, batch: dict[str, np.ndarray], family: str) -> np.n
     return output.reshape(output.shape[0], -1).astype(np.float64)
 
 
+def _real_tokens(diff: np.ndarray, batch: dict[str, np.ndarray], family: str) -> np.ndarray:
+    """``diff`` at real tokens only for a transformer's per-token output: what a model computes
+    at padding positions is not an output (a packed graph writes zeros there)."""
+    mask = batch.get("attention_mask")
+    if family == "transformer" and mask is not None and mask.shape == diff.shape[:2]:
+        return diff[mask.astype(bool)]
+    return diff
+
+
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Row-wise cosine similarity (two zero rows count as identical)."""
     dot = (a * b).sum(axis=1)
@@ -58,8 +67,8 @@ def compare(
     """Fidelity metrics of ``candidate`` outputs against ``reference`` outputs.
 
     ``cosine`` (mean over examples, minimum over float outputs), ``cosine_min`` (worst
-    example), ``max_abs_error``; for ``[B, C]`` outputs ``top1_agreement``; with labels
-    ``accuracy``, ``reference_accuracy`` and ``accuracy_drop``.
+    example), ``max_abs_error`` (at real tokens for transformers); for ``[B, C]`` outputs
+    ``top1_agreement``; with labels ``accuracy``, ``reference_accuracy`` and ``accuracy_drop``.
     """
     cosines: dict[int, list[np.ndarray]] = {}
     max_abs = 0.0
@@ -75,7 +84,9 @@ def compare(
                 continue
             if ref.shape != cand.shape:
                 raise ValueError(f"output {position}: shape {cand.shape} != original {ref.shape}")
-            diff = np.abs(ref.astype(np.float64) - cand.astype(np.float64))
+            diff = _real_tokens(
+                np.abs(ref.astype(np.float64) - cand.astype(np.float64)), batch, family
+            )
             max_abs = max(max_abs, float(np.nanmax(diff)) if diff.size else 0.0)
             cosines.setdefault(position, []).append(
                 cosine_rows(_rows(ref, batch, family), _rows(cand, batch, family))
