@@ -6,12 +6,14 @@
 #   docker run --rm -p 8000:8000 -v "$PWD/model_repository:/models" slimserve:0.1.0
 #
 # GPU (CUDA + cuDNN runtime base, the `gpu` extra: onnxruntime-gpu, tensorrt, nvidia-ml-py;
-# torch from the matching CUDA wheel index):
+# torch from the matching CUDA wheel index). onnxruntime-gpu 1.31 is built for CUDA 13 and
+# cuDNN 9 (its CUDA provider links libcudart.so.13 / libcublas.so.13; checked on an H100 with
+# driver 580), so the base and torch are CUDA 13 too:
 #
 #   docker build -t slimserve:0.1.0-gpu \
-#     --build-arg BASE_IMAGE=nvcr.io/nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 \
+#     --build-arg BASE_IMAGE=nvcr.io/nvidia/cuda:13.0.0-cudnn-runtime-ubuntu24.04 \
 #     --build-arg RUNTIME_EXTRA=gpu \
-#     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .
+#     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130 .
 #   docker run --rm --gpus all -p 8000:8000 -v "$PWD/model_repository:/models" slimserve:0.1.0-gpu
 #
 # Settings are SLIMSERVE_* environment variables (serving/settings.py); the image sets
