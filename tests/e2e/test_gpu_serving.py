@@ -134,3 +134,63 @@ def test_cuda_job_publishes_a_version_served_on_the_gpu(
     a = np.ones((1, 16), np.float32)
     result = client.infer("add_sub", [infer_input("INPUT0", a), infer_input("INPUT1", a)])
     np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), 2 * a)
+
+
+def test_packing_job_serves_packed_fp16_bert_on_the_gpu(
+    tmp_path: Path, start_server: Callable[..., RemoteServer]
+) -> None:
+    """Upload -> cuda job requiring ``ort_packing_mode`` -> the packed FP16 graph served on the
+    GPU answers padded batches like the original on real tokens."""
+    from optimizers.calibration import pydoc_sentences
+    from optimizers.fidelity import compare
+    from optimizers.onnxutil import make_session
+    from tests.e2e.helpers import folder_tar_gz
+    from tests.e2e.test_transformer_passes import _feeds
+    from tests.optimizers.tiny import tiny_bert_checkpoint
+
+    folder = tiny_bert_checkpoint(tmp_path / "tiny-bert", layers=2, seed=3)
+    sentences = pydoc_sentences()[:400:4]
+    repo = tmp_path / "repository"
+    repo.mkdir()
+    server = start_server(repo, env={"SLIMSERVE_JOBS_DIR": str(tmp_path / "jobs")})
+    chain = ["ort_transformer_optimize", "fp16", "ort_packing_mode"]
+    request = {"name": "bert", "target": "cuda", "batch_size": 4, "seq_len": 32,
+               "min_cosine": 0.99, "allow": chain, "require": ["ort_packing_mode"]}  # fmt: skip
+    response = upload(
+        server,
+        ("tiny-bert.tar.gz", folder_tar_gz(folder)),
+        request,
+        calibration=("texts.txt", "\n".join(sentences[:80]).encode()),
+    )
+    assert response.status_code == 202, response.text
+    job = wait_job(server, response.json()["url"], timeout_s=300)
+    assert job["state"] == "succeeded", (job["error"], job["log_tail"])
+    version, source = job["published_version"], job["source_version"]
+    report = json.loads((repo / "bert" / str(version) / "report.json").read_text())
+    assert report["winner"]["passes"] == chain
+    assert report["require"]["met"] is True
+    assert report["engine"]["device"] == "gpu"
+    assert [g.kind for g in read_config(repo / "bert").instance_group] == [
+        mc.ModelInstanceGroup.KIND_GPU
+    ]
+
+    client = server.client()
+    assert client.is_model_ready("bert", str(version))
+    metadata = client.get_model_metadata("bert", str(version))
+    names = [spec["name"] for spec in metadata["inputs"]]
+    output = metadata["outputs"][0]["name"]
+    packed = make_session(repo / "bert" / str(version) / "model.onnx", "cuda")
+    texts = sentences[80:]
+    batches = [_feeds(folder, texts[i : i + 4], names) for i in range(0, 16, 4)]
+    served, original = [], []
+    for feeds in batches:
+        assert len(set(feeds["attention_mask"].sum(1).tolist())) > 1  # padded batches
+        result = client.infer("bert", [infer_input(n, feeds[n]) for n in names])
+        got = result.as_numpy(output)
+        real = feeds["attention_mask"].astype(bool)
+        direct = packed.run([output], feeds)[0]
+        np.testing.assert_allclose(got[real], direct[real], rtol=1e-3, atol=1e-3)
+        served.append([got])
+        original.append([run_direct(repo / "bert" / str(source) / "model.onnx", feeds)[output]])
+    fidelity = compare(original, served, batches, family="transformer")
+    assert fidelity["cosine_min"] >= 0.99, fidelity
