@@ -184,7 +184,9 @@ def warmup_requests(
     """(name, inputs, count) to run before a version is ready.
 
     ``model_warmup`` entries of the config (zero, random or file data, like Triton; files are
-    read from ``<model>/warmup/``), or else one batch-1 zero-data request from the specs.
+    read from ``<model>/warmup/``), or else one batch-1 zero-data request from the specs, with
+    ``attention_mask`` inputs all ones: an all-padding sequence is no request a model serves,
+    and graphs that remove padding (ORT's packing mode) have no tokens left to run on.
     """
     batched = config.max_batch_size > 0
     requests = []
@@ -211,6 +213,8 @@ def warmup_requests(
     for spec in specs:
         shape = [1 if d < 0 else d for d in spec.shape]
         default[spec.name] = _fill(spec.datatype, shape, random=False)
+        if spec.name == "attention_mask" and spec.datatype != "BYTES":
+            default[spec.name] += 1
     return [("default zero-data batch 1", default, 1)]
 
 

@@ -291,6 +291,8 @@ def _parse_json(data: bytes | memoryview) -> Any:
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError as first:
+        if "depth" in str(first):  # no retry: Python 3.12's json would parse 5000 levels
+            raise InvalidInput(f"request header is not valid JSON: {first}") from None
         # orjson is strict JSON; tritonclient (rapidjson) writes NaN / Infinity literals.
         try:
             text = bytes(data).decode("utf-8")

@@ -205,10 +205,16 @@ def test_instances_and_warmup_requests(tmp_path: Path) -> None:
 
     from serving.backends import TensorSpec
 
-    specs = [TensorSpec("a", "FP32", (-1, 4)), TensorSpec("s", "BYTES", (-1,))]
+    specs = [
+        TensorSpec("a", "FP32", (-1, 4)),
+        TensorSpec("s", "BYTES", (-1,)),
+        TensorSpec("attention_mask", "INT64", (-1, -1)),
+    ]
     (default,) = warmup_requests(config(SCALED), specs, tmp_path)
     assert default[1]["a"].shape == (1, 4)
+    assert not default[1]["a"].any()
     assert default[1]["s"].tolist() == [b""]
+    assert default[1]["attention_mask"].tolist() == [[1]], "one real token, not all padding"
 
     repo = tmp_path / "repo"
     write_model(repo, "multi", scaled_model(2.0), model_config={**SCALED, "instance_group": [

@@ -380,12 +380,9 @@ BAD_JSON = [
 
 DEEP = b"[" * 900 + b"]" * 900
 BAD_JSON += [
-    # NaN sends it to Python's json, which gives up at this depth on 3.11 and parses it on
-    # 3.12+ (then the 5000-deep 'inputs' is refused): a 400 with a reason either way
-    (
-        b'{"inputs":' + b"[" * 5000 + b"]" * 5000 + b', "z": NaN}',
-        "not valid JSON|must be a JSON object",
-    ),
+    # too deep for orjson: refused at once, not retried with Python's json (which gives up at
+    # this depth on 3.11 but parses it on 3.12+), so every Python answers the same
+    (b'{"inputs":' + b"[" * 5000 + b"]" * 5000 + b', "z": NaN}', "depth limit exceeded"),
     (
         b'{"inputs":[{"name":"x","datatype":"BYTES","shape":[0],"data":' + DEEP + b"}]}",
         "nested too deeply",
@@ -401,7 +398,7 @@ BAD_JSON += [
 def test_malformed_json_requests_are_rejected_with_a_reason(body, message):
     with pytest.raises(InvalidInput) as info:
         decode(body)
-    assert any(part in str(info.value) for part in message.split("|"))  # "a|b": either
+    assert message in str(info.value)
     assert info.value.status_code == 400
 
 
