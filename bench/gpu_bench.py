@@ -31,7 +31,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -44,6 +43,7 @@ import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 from loadgen import run_load_process  # noqa: E402
 from server_bench import BenchModel, Input, minilm_onnx, request_body  # noqa: E402
+from transformer_bench import timed  # noqa: E402  (interleaved rounds, medians)
 from tritonclient.grpc import model_config_pb2 as mc  # noqa: E402
 
 from optimizers.onnxutil import make_session  # noqa: E402
@@ -61,21 +61,6 @@ def pipeline_pass(name: str, src: Path, workdir: Path, meta: dict) -> Path:
     artifact = Artifact("onnx", "transformer", onnx_path=src, meta=meta)
     ctx = PassContext(workdir=workdir, target="cuda", batch_size=32, seq_len=SEQ)
     return get_pass(name).run(artifact, ctx).artifact.onnx_path
-
-
-def timed(fns: dict, rounds: int, runs: int) -> dict[str, float]:
-    """Median ms per call of each fn, rounds interleaved so drifts hit all alike."""
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():
-        for _ in range(3):
-            fn()  # warm-up: kernels chosen, memory pools grown
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            for _ in range(runs):
-                start = time.perf_counter()
-                fn()
-                samples[name].append((time.perf_counter() - start) * 1000)
-    return {k: statistics.median(v) for k, v in samples.items()}
 
 
 def torch_pooled(model, batch: dict[str, np.ndarray]) -> np.ndarray:
@@ -136,7 +121,8 @@ def engine_section(folder: Path, work: Path, rounds: int) -> tuple[dict, Path]:
     result: dict = {"fidelity": fidelity, "latency_ms": {}, "speedup_vs_torch_fp32": {}}
     for batch_size in (8, 32):
         batch = encode(held[:batch_size])
-        ms = timed({n: (lambda fn=fn, b=batch: fn(b)) for n, fn in variants.items()}, rounds, 10)
+        calls = {n: (lambda fn=fn, b=batch: fn(b)) for n, fn in variants.items()}
+        ms = timed(calls, rounds, 10, warmup=3)  # warm-up: kernels chosen, pools grown
         result["latency_ms"][batch_size] = ms
         result["speedup_vs_torch_fp32"][batch_size] = {
             n: ms["torch_fp32"] / v for n, v in ms.items()
@@ -174,9 +160,8 @@ def packing_section(folder: Path, half: Path, work: Path, rounds: int) -> dict:
             names = {i.name for i in sessions["padded"].get_inputs()}
             feed = {k: v for k, v in batch.items() if k in names}
             padded, packed_out = (sessions[n].run(None, feed)[0] for n in ("padded", "packed"))
-            ms = timed(
-                {n: (lambda s=s, f=feed: s.run(None, f)) for n, s in sessions.items()}, rounds, 10
-            )
+            calls = {n: (lambda s=s, f=feed: s.run(None, f)) for n, s in sessions.items()}
+            ms = timed(calls, rounds, 10, warmup=3)
             mask = batch["attention_mask"]
             draw = {
                 "batch": batch_size,
@@ -218,7 +203,9 @@ def server_section(model_file: Path, work: Path, seconds: float, rounds: int) ->
     with RemoteServer(repo) as server:
         url = f"{server.url}/v2/models/minilm/infer"
         for _ in range(rounds):
-            engine_ms = timed({"engine": lambda: session.run(None, feed)}, 3, 10)["engine"]
+            engine_ms = timed({"engine": lambda: session.run(None, feed)}, 3, 10, warmup=3)[
+                "engine"
+            ]
             row = {"engine_sentences_per_s": 32 / engine_ms * 1000}
             for concurrency in (32, 64):
                 load = run_load_process(

@@ -63,11 +63,12 @@ def log(*parts) -> None:
     print(*parts, flush=True)
 
 
-def timed(fns: dict, rounds: int, runs: int) -> dict[str, float]:
+def timed(fns: dict, rounds: int, runs: int, warmup: int = 1) -> dict[str, float]:
     """Median ms per call of each fn, rounds interleaved so load noise hits all alike."""
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for fn in fns.values():
-        fn()  # warm up
+        for _ in range(warmup):
+            fn()
     for _ in range(rounds):
         for name, fn in fns.items():
             for _ in range(runs):
