@@ -46,6 +46,7 @@ from server_bench import BenchModel, Input, minilm_onnx, request_body  # noqa: E
 from transformer_bench import timed  # noqa: E402  (interleaved rounds, medians)
 from tritonclient.grpc import model_config_pb2 as mc  # noqa: E402
 
+from optimizers.fidelity import cosine_rows  # noqa: E402
 from optimizers.onnxutil import make_session  # noqa: E402
 from optimizers.passes.base import Artifact, PassContext  # noqa: E402
 from optimizers.registry import get_pass  # noqa: E402
@@ -108,14 +109,10 @@ def engine_section(folder: Path, work: Path, rounds: int) -> tuple[dict, Path]:
         **{n: (lambda b, s=s: run_ort(s, b)) for n, s in sessions.items()},
     }
     fidelity = {}
-    reference = np.concatenate(
-        [variants["torch_fp32"](encode(held[i : i + 32])) for i in range(0, 256, 32)]
-    )
+    held_batches = [encode(held[i : i + 32]) for i in range(0, 256, 32)]
+    reference = np.concatenate([variants["torch_fp32"](b) for b in held_batches])
     for name, fn in variants.items():
-        got = np.concatenate([fn(encode(held[i : i + 32])) for i in range(0, 256, 32)])
-        cos = (got * reference).sum(1) / (
-            np.linalg.norm(got, axis=1) * np.linalg.norm(reference, axis=1)
-        )
+        cos = cosine_rows(np.concatenate([fn(b) for b in held_batches]), reference)
         fidelity[name] = {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())}
 
     result: dict = {"fidelity": fidelity, "latency_ms": {}, "speedup_vs_torch_fp32": {}}
@@ -172,11 +169,8 @@ def packing_section(folder: Path, half: Path, work: Path, rounds: int) -> dict:
                 "packed_ms": ms["packed"],
                 "speedup": ms["padded"] / ms["packed"],
                 "max_abs_diff": float(np.abs(padded - packed_out).max()),
-                "cosine_min": float(
-                    ((padded * packed_out).sum(1) / (
-                        np.linalg.norm(padded, axis=1) * np.linalg.norm(packed_out, axis=1))).min()
-                ),
-            }  # fmt: skip
+                "cosine_min": float(cosine_rows(padded, packed_out).min()),
+            }
             result["draws"].append(draw)
             print(json.dumps(draw))
         speedups = [d["speedup"] for d in result["draws"] if d["batch"] == batch_size]
